@@ -1,0 +1,117 @@
+"""Session options, validated once when the session is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gradwatch.alerts import CHECKS
+
+__all__ = ["ON_ALERT_POLICIES", "Options"]
+
+ON_ALERT_POLICIES = ("warn", "raise", "ignore")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Settings of one session. See :func:`gradwatch.gradwatch` for each field."""
+
+    logdir: Path | None = None
+    on_alert: str | Callable[[Any], None] = "warn"
+    patience: int = 3
+    ignore: tuple[str, ...] = ()
+    checks: tuple[str, ...] | None = None
+    zero_tol: float = 1e-6
+    stop_confidence: float = 1e-4
+    graph_walk_steps: int = 2
+    log_every: int = 10
+    histogram_every: int = 100
+
+    def __post_init__(self) -> None:
+        _check_on_alert(self.on_alert)
+        _check_int("patience", self.patience, minimum=1)
+        _check_int("graph_walk_steps", self.graph_walk_steps, minimum=0)
+        _check_int("log_every", self.log_every, minimum=1)
+        _check_int("histogram_every", self.histogram_every, minimum=0)
+        _check_fraction("zero_tol", self.zero_tol)
+        _check_fraction("stop_confidence", self.stop_confidence)
+        object.__setattr__(self, "ignore", _check_patterns(self.ignore))
+        object.__setattr__(self, "checks", _check_checks(self.checks))
+        object.__setattr__(self, "logdir", _check_logdir(self.logdir))
+
+    def enabled(self, check: str) -> bool:
+        """Return whether ``check`` is switched on."""
+        return self.checks is None or check in self.checks
+
+
+def _check_on_alert(value: object) -> None:
+    if callable(value) or value in ON_ALERT_POLICIES:
+        return
+    valid = ", ".join(repr(p) for p in ON_ALERT_POLICIES)
+    msg = (
+        f"on_alert must be one of {valid} or a callable taking an Alert, got {value!r}"
+    )
+    raise ValueError(msg)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        msg = f"{name} must be an int >= {minimum}, got {value!r}"
+        raise ValueError(msg)
+
+
+def _check_fraction(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        msg = f"{name} must be a float in (0, 1), got {value!r}"
+        raise ValueError(msg)
+    if not 0.0 < value < 1.0:
+        msg = f"{name} must be a float in (0, 1), got {value!r}"
+        raise ValueError(msg)
+
+
+def _check_patterns(patterns: object) -> tuple[str, ...]:
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    if not isinstance(patterns, Sequence) or not all(
+        isinstance(p, str) for p in patterns
+    ):
+        msg = (
+            "ignore must be a sequence of glob patterns of parameter or module "
+            f"names, such as ('encoder.*',), got {patterns!r}"
+        )
+        raise ValueError(msg)
+    return tuple(patterns)
+
+
+def _check_checks(checks: object) -> tuple[str, ...] | None:
+    if checks is None:
+        return None
+    if isinstance(checks, str):
+        checks = (checks,)
+    unknown = [c for c in checks if c not in CHECKS]  # type: ignore[union-attr]
+    if unknown:
+        valid = ", ".join(CHECKS)
+        msg = f"unknown check id(s) {unknown}; valid check ids are: {valid}"
+        raise ValueError(msg)
+    return tuple(checks)  # type: ignore[arg-type]
+
+
+def _check_logdir(logdir: object) -> Path | None:
+    if logdir is None:
+        return None
+    if not isinstance(logdir, str | os.PathLike):
+        msg = f"logdir must be a path or None, got {type(logdir).__name__}"
+        raise ValueError(msg)
+
+    path = Path(logdir)
+    if path.exists() and not path.is_dir():
+        msg = f"logdir {str(path)!r} is a file; pass a directory for the event files"
+        raise ValueError(msg)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK):
+        msg = f"logdir {str(path)!r} is not writable: {str(existing)!r} denies writing"
+        raise ValueError(msg)
+    return path

@@ -1,0 +1,1 @@
+"""Detectors: one family of checks each, sharing the lifecycle in :mod:`.base`."""

@@ -1,0 +1,71 @@
+"""Parameters that receive gradients while no optimizer updates them.
+
+Check: ``not_in_optimizer``.
+
+Limitations:
+    Optimizers are discovered when they first step, so a parameter is flagged only
+    after it went without an owner for ``patience`` consecutive steps; a second
+    optimizer that steps less often than that (a generator updated once per five
+    critic steps) looks absent. Where no optimizer steps at all, nothing is
+    flagged.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gradwatch.detectors.base import Detector, StepContext
+
+if TYPE_CHECKING:
+    from gradwatch.clock import StepClock
+    from gradwatch.config import Options
+    from gradwatch.params import ParamInfo
+
+__all__ = ["OptimizerDetector"]
+
+
+class OptimizerDetector(Detector):
+    """Flag trainable parameters with gradients that no watched optimizer holds."""
+
+    def __init__(self, options: Options, clock: StepClock) -> None:
+        super().__init__(options)
+        self._clock = clock
+
+    def analyse(self, ctx: StepContext) -> None:
+        if ctx.optimizer is None:
+            return
+        owned = self._clock.owned_by_any()
+        for info in ctx.judged:
+            streak = info.state.get("unowned", 0)
+            assert isinstance(streak, int)
+            if id(info.tensor) in owned or not ctx.arrived(info):
+                info.state["unowned"] = 0
+                continue
+            info.state["unowned"] = streak + 1
+            if streak + 1 >= self.options.patience:
+                self._alert(ctx, info, streak + 1)
+
+    def _alert(self, ctx: StepContext, info: ParamInfo, streak: int) -> None:
+        stale = self._stale_tensors(ctx)
+        names = sorted({type(o).__name__ for o in self._clock.optimizers})
+        message = (
+            f"Parameter not in optimizer at step {ctx.step}: {info.describe()} in "
+            f"module `{info.module or '<root>'}` receives gradients, but none of the "
+            f"optimizers that step the model ({', '.join(names)}) holds it, so it "
+            f"never changes. It was added, replaced or unfrozen after the optimizer "
+            f"was built, or left out of its param groups: rebuild the optimizer "
+            f"from model.parameters() or call optimizer.add_param_group(...)."
+        )
+        if stale:
+            message += (
+                f" The optimizers still hold {stale} tensor(s) that are no longer "
+                f"parameters of the model (layers replaced after the optimizer was "
+                f"built)."
+            )
+        first = ctx.step - streak + 1
+        data = {"stale_tensors": stale, "optimizers": names}
+        ctx.alert("not_in_optimizer", message, param=info, step=first, data=data)
+
+    def _stale_tensors(self, ctx: StepContext) -> int:
+        current = {id(info.tensor) for info in ctx.table}
+        return len(self._clock.owned_by_any() - current)

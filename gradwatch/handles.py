@@ -1,0 +1,59 @@
+"""One handle that removes every hook a session registered."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["HookSet"]
+
+
+class HookSet:
+    """Removal tokens of registered hooks, removed together.
+
+    :meth:`remove` is idempotent, and the set works as a context manager. Handles
+    may be added under a key, so that one hook can be removed alone later.
+    """
+
+    def __init__(self) -> None:
+        self._handles: dict[object, RemovableHandle] = {}
+        self._next_key = 0
+
+    def add(self, handle: RemovableHandle, key: object = None) -> RemovableHandle:
+        if key is None:
+            key = ("anonymous", self._next_key)
+            self._next_key += 1
+        previous = self._handles.pop(key, None)
+        if previous is not None:
+            previous.remove()
+        self._handles[key] = handle
+        return handle
+
+    def extend(self, handles: Iterable[RemovableHandle]) -> None:
+        for handle in handles:
+            self.add(handle)
+
+    def discard(self, key: object) -> None:
+        """Remove the hook registered under ``key``, if there is one."""
+        handle = self._handles.pop(key, None)
+        if handle is not None:
+            handle.remove()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._handles
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def remove(self) -> None:
+        """Remove every hook; calling it again does nothing."""
+        while self._handles:
+            _, handle = self._handles.popitem()
+            handle.remove()
+
+    def __enter__(self) -> HookSet:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()

@@ -1,0 +1,139 @@
+"""The watched parameters: names, owning modules, and gradient arrival."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from gradwatch.handles import HookSet
+
+__all__ = ["ParamInfo", "ParamTable"]
+
+
+@dataclasses.dataclass(eq=False)
+class ParamInfo:
+    """One parameter tensor of the model, under every name it has (tied weights).
+
+    ``state`` is where detectors keep their per-parameter figures, keyed by
+    detector; it survives rescans for as long as the tensor stays in the model.
+    """
+
+    tensor: nn.Parameter
+    names: list[str]
+    ignored: bool = False
+    state: dict[str, object] = dataclasses.field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    @property
+    def module(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    @property
+    def trainable(self) -> bool:
+        return self.tensor.requires_grad and not self.ignored
+
+    def describe(self) -> str:
+        """Return ``name`` with its shape, and its other names when it is tied."""
+        shape = "x".join(str(d) for d in self.tensor.shape) or "scalar"
+        text = f"`{self.name}` ({shape})"
+        if len(self.names) > 1:
+            text += " tied with " + ", ".join(f"`{n}`" for n in self.names[1:])
+        return text
+
+
+class ParamTable:
+    """The parameters of a model, rescanned when the model changes.
+
+    A post-accumulate-grad hook on each trainable tensor records that a gradient
+    arrived; the hook does one set insertion and nothing else.
+    """
+
+    def __init__(self, model: nn.Module, ignore: tuple[str, ...] = ()) -> None:
+        self._model = weakref.ref(model)
+        self._ignore = ignore
+        self._infos: dict[int, ParamInfo] = {}
+        self._hooks = HookSet()
+        self._past = weakref.WeakValueDictionary[int, torch.Tensor]()
+        self._module_ids: set[int] = set()
+        self.arrived: set[int] = set()
+        self.dirty = True
+
+    def contains_module(self, module: nn.Module) -> bool:
+        """Return whether ``module`` was part of the model at the last scan."""
+        return id(module) in self._module_ids
+
+    def __iter__(self) -> Iterator[ParamInfo]:
+        return iter(self._infos.values())
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def get(self, tensor: torch.Tensor) -> ParamInfo | None:
+        info = self._infos.get(id(tensor))
+        return info if info is not None and info.tensor is tensor else None
+
+    def was_parameter(self, tensor: torch.Tensor) -> bool:
+        """Return whether ``tensor`` is or once was a parameter of the model."""
+        return self._past.get(id(tensor)) is tensor
+
+    def scan(self) -> None:
+        """Re-read the model's parameters, keeping the state of those that stay."""
+        model = self._model()
+        if model is None:
+            return
+        self._module_ids = {id(m) for m in model.modules()}
+        names: dict[int, list[str]] = {}
+        tensors: dict[int, nn.Parameter] = {}
+        for name, tensor in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(tensor), []).append(name)
+            tensors[id(tensor)] = tensor
+
+        infos = {}
+        for key, tensor in tensors.items():
+            info = self.get(tensor) or ParamInfo(tensor, names[key])
+            info.names = names[key]
+            info.ignored = self._is_ignored(info.names)
+            infos[key] = info
+            self._past[key] = tensor
+        for key in self._infos.keys() - infos.keys():
+            self._hooks.discard(key)
+            self.arrived.discard(key)
+        self._infos = infos
+        self.dirty = False
+        self.watch_arrivals()
+
+    def watch_arrivals(self) -> None:
+        """Hook every trainable tensor that is not hooked yet."""
+        arrived = self.arrived
+        for key, info in self._infos.items():
+            if key in self._hooks or not info.tensor.requires_grad:
+                continue
+            handle = info.tensor.register_post_accumulate_grad_hook(
+                lambda tensor, key=key: arrived.add(key)
+            )
+            self._hooks.add(handle, key)
+
+    def _is_ignored(self, names: list[str]) -> bool:
+        candidates = set()
+        for name in names:
+            parts = name.split(".")
+            candidates.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        return any(
+            fnmatch.fnmatchcase(c, pattern)
+            for pattern in self._ignore
+            for c in candidates
+        )
+
+    def close(self) -> None:
+        """Remove every hook and drop every tensor reference."""
+        self._hooks.remove()
+        self._infos.clear()
+        self.arrived.clear()

@@ -1,0 +1,329 @@
+"""The session: ``with gradwatch(model) as gw:`` around an unchanged training loop."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.module import (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
+
+from gradwatch.alerts import Alert, AlertBook
+from gradwatch.clock import StepClock
+from gradwatch.config import Options
+from gradwatch.detectors.base import Detector, StepContext
+from gradwatch.detectors.disconnect import DisconnectDetector
+from gradwatch.detectors.forward_trace import ForwardTrace
+from gradwatch.detectors.optimizer import OptimizerDetector
+from gradwatch.errors import GradwatchError, GradwatchWarning, warning_class_for
+from gradwatch.handles import HookSet
+from gradwatch.params import ParamTable
+from gradwatch.report import format_report
+from gradwatch.sinks.tensorboard import TensorBoardSink
+from gradwatch.stats import GradientNorms
+
+__all__ = ["Session", "StepIndex", "gradwatch"]
+
+logger = logging.getLogger("gradwatch")
+
+AlertCallback = Callable[[Alert], None]
+
+_INTERNAL_DIRS = (str(Path(__file__).parent), str(Path(torch.__file__).parent))
+
+
+def gradwatch(
+    model: nn.Module,
+    *,
+    logdir: str | Path | None = None,
+    on_alert: str | AlertCallback = "warn",
+    patience: int = 3,
+    ignore: Sequence[str] = (),
+    checks: Sequence[str] | None = None,
+    zero_tol: float = 1e-6,
+    stop_confidence: float = 1e-4,
+    graph_walk_steps: int = 2,
+    log_every: int = 10,
+    histogram_every: int = 100,
+) -> Session:
+    """Watch the gradients of ``model`` while a training loop runs.
+
+    Use it as a context manager around the loop; the loop itself stays unchanged::
+
+        with gradwatch(model, logdir="runs/exp1") as gw:
+            for x, y in loader:
+                optimizer.zero_grad()
+                loss_fn(model(x), y).backward()
+                optimizer.step()
+        print(gw.report())
+
+    Args:
+        model: The module whose trainable parameters are watched.
+        logdir: Directory for TensorBoard event files, or None to write none.
+        on_alert: ``"warn"`` (a :class:`GradwatchWarning` and a log record per new
+            alert), ``"raise"`` (raise :class:`GradwatchError` at the step of the
+            first error-severity alert), ``"ignore"`` (only collect them), or a
+            callable ``on_alert(alert: Alert) -> None``.
+        patience: Steps a finding must persist before it is reported.
+        ignore: Glob patterns of parameter or module qualified names not to watch.
+        checks: The check ids to run (all when None).
+        zero_tol: A gradient whose norm is below ``zero_tol`` times both the median
+            gradient norm of the model and the parameter's own norm counts as zero.
+        stop_confidence: Chance, under the parameter's own arrival rate so far,
+            that a gap is a coincidence; below it, ``gradient_stopped`` fires.
+        graph_walk_steps: Number of first steps whose forward is traced to locate
+            graph cuts and unregistered parameters.
+        log_every: Steps between TensorBoard scalar records.
+        histogram_every: Steps between TensorBoard histograms; 0 writes none.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: An option is invalid; the message lists the valid values.
+    """
+    options = Options(
+        logdir=Path(logdir) if isinstance(logdir, str) else logdir,
+        on_alert=on_alert,
+        patience=patience,
+        ignore=tuple(ignore) if not isinstance(ignore, str) else (ignore,),
+        checks=tuple(checks) if checks is not None else None,
+        zero_tol=zero_tol,
+        stop_confidence=stop_confidence,
+        graph_walk_steps=graph_walk_steps,
+        log_every=log_every,
+        histogram_every=histogram_every,
+    )
+    return Session(model, options)
+
+
+class StepIndex(int):
+    """The index of the current step; calling it ends that step.
+
+    ``gw.step`` compares and prints as an int; ``gw.step()`` ends the step for loops
+    where no optimizer steps and the model is not called again.
+    """
+
+    _end: Callable[[], None]
+
+    def __new__(cls, value: int, end: Callable[[], None]) -> StepIndex:
+        index = super().__new__(cls, value)
+        index._end = end
+        return index
+
+    def __call__(self) -> None:
+        self._end()
+
+
+class Session:
+    """A running watch over one model; build it with :func:`gradwatch`."""
+
+    def __init__(self, model: nn.Module, options: Options) -> None:
+        _check_model(model)
+        self.options = options
+        self._model: nn.Module | None = model
+        self._book = AlertBook()
+        self._hooks = HookSet()
+        self._table = ParamTable(model, options.ignore)
+        self._clock = StepClock(self._table, self._end_step)
+        self._trace = ForwardTrace(options, self._table)
+        self._detectors = self._build_detectors()
+        self._entered = False
+        self._closed = False
+
+    def _build_detectors(self) -> list[Detector]:
+        options = self.options
+        detectors: list[Detector] = [
+            GradientNorms(options),
+            self._trace,
+            DisconnectDetector(options, self._trace),
+            OptimizerDetector(options, self._clock),
+        ]
+        if options.logdir is not None:
+            detectors.append(TensorBoardSink(options, self._book))
+        return detectors
+
+    # Public API
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """The alerts so far, in the order of the step they were first seen."""
+        return self._book.as_list()
+
+    @property
+    def step(self) -> StepIndex:
+        """The index of the current step (0 until the first step ends)."""
+        return StepIndex(self._clock.step, self._end_step_explicitly)
+
+    def report(self) -> str:
+        """Return a readable summary of every alert: what, where, when, the fix."""
+        return format_report(self.alerts, self._clock.step, len(self._table))
+
+    # Context manager
+
+    def __enter__(self) -> Session:
+        if self._entered:
+            msg = "a gradwatch session can be entered only once; build a new one"
+            raise RuntimeError(msg)
+        self._entered = True
+        try:
+            self._attach()
+        except BaseException:
+            self._detach()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None and self._clock.pending:
+                self._clock.end_step(None, final=True)
+        finally:
+            self._detach()
+
+    def _attach(self) -> None:
+        model = self._model
+        assert model is not None
+        self._table.scan()
+        self._hooks.add(register_module_module_registration_hook(self._on_register))
+        self._hooks.add(register_module_parameter_registration_hook(self._on_register))
+        self._clock.attach(model, self._hooks)
+        for detector in self._detectors:
+            detector.attach(model, self._hooks)
+        for detector in self._detectors:
+            detector.begin_step(0)
+
+    def _detach(self) -> None:
+        try:
+            self._hooks.remove()
+            for detector in self._detectors:
+                detector.close()
+        finally:
+            self._table.close()
+            self._model = None
+            self._closed = True
+
+    def _on_register(self, module: nn.Module, name: str, value: Any) -> None:
+        if self._table.contains_module(module):
+            self._table.dirty = True
+
+    # Steps
+
+    def _end_step_explicitly(self) -> None:
+        if self._closed or not self._entered:
+            msg = "gw.step() can end a step only inside the `with gradwatch(...)` block"
+            raise RuntimeError(msg)
+        self._clock.end_step(None)
+
+    def _end_step(self, optimizer: torch.optim.Optimizer | None, final: bool) -> None:
+        if self._table.dirty:
+            self._table.scan()
+        else:
+            self._table.watch_arrivals()
+
+        ctx = StepContext(
+            step=self._clock.step,
+            optimizer=optimizer,
+            final=final,
+            table=self._table,
+            judged=self._judged(optimizer),
+            options=self.options,
+            emit=self._emit,
+            steps_seen=self._clock.step + 1,
+        )
+        try:
+            for detector in self._detectors:
+                detector.collect(ctx)
+            ctx.batch.fetch()
+            for detector in self._detectors:
+                detector.analyse(ctx)
+        finally:
+            self._table.arrived.difference_update(id(i.tensor) for i in ctx.judged)
+            for detector in self._detectors:
+                detector.begin_step(ctx.step + 1)
+
+    def _judged(self, optimizer: torch.optim.Optimizer | None) -> list:
+        trainable = [info for info in self._table if info.trainable]
+        if optimizer is None:
+            return trainable
+        mine = self._clock.owned(optimizer)
+        anyone = self._clock.owned_by_any()
+        return [
+            info
+            for info in trainable
+            if id(info.tensor) in mine or id(info.tensor) not in anyone
+        ]
+
+    # Alerts
+
+    def _emit(self, alert: Alert) -> None:
+        if not self._book.record(alert):
+            return
+        policy = self.options.on_alert
+        if callable(policy):
+            policy(alert)
+        elif policy == "raise" and alert.severity == "error":
+            raise GradwatchError(str(alert), alert)
+        elif policy in ("warn", "raise"):
+            _warn(alert)
+
+
+def _warn(alert: Alert) -> None:
+    if alert.severity == "info":
+        logger.info("%s", alert)
+        return
+    level = logging.ERROR if alert.severity == "error" else logging.WARNING
+    logger.log(level, "%s", alert)
+    category: type[GradwatchWarning] = warning_class_for(alert.check)
+    warnings.warn(str(alert), category, stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """Return the stacklevel of the first frame outside gradwatch and torch."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _check_model(model: object) -> None:
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        msg = (
+            f"gradwatch() takes a module instance, got the class {model.__name__}; "
+            f"instantiate it first: gradwatch({model.__name__}(...))"
+        )
+        raise TypeError(msg)
+    if not isinstance(model, nn.Module):
+        msg = (
+            f"gradwatch() takes a torch.nn.Module, got {type(model).__name__}; pass "
+            f"the model whose parameters you train"
+        )
+        raise TypeError(msg)
+    params = list(model.parameters())
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        msg = (
+            f"parameter {meta[0]!r} is on the meta device and has no data to watch; "
+            f"materialise the model first (model.to_empty(device=...) and "
+            f"initialise it, or load a checkpoint)"
+        )
+        raise ValueError(msg)
+    if not any(p.requires_grad for p in params):
+        warnings.warn(
+            f"{type(model).__name__} has no trainable parameters "
+            f"(requires_grad=True); gradwatch has nothing to watch",
+            GradwatchWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,1 @@
+"""Where findings and figures go besides the session's own alert list."""

@@ -1,0 +1,195 @@
+"""Stream figures, histograms and alerts to TensorBoard event files.
+
+Tags, all under ``gradwatch/``:
+
+==================================  ===============================================
+``gradwatch/alerts/<check>``        number of alerts of that check so far (scalar)
+``gradwatch/grad_norm/global``      L2 norm over all judged gradients (scalar)
+``gradwatch/grad_norm/<param>``     gradient norm of one parameter (scalar)
+``gradwatch/grad/<param>``          gradient values (histogram)
+``gradwatch/weight/<param>``        parameter values (histogram)
+``gradwatch/alerts``                table of the alerts, in markdown (text)
+==================================  ===============================================
+
+Scalars are written every ``log_every`` steps, histograms every
+``histogram_every`` steps (0 switches them off), the alert table whenever the
+alerts change. A failure to write (a full disk, a directory made read-only) is
+logged once; the session goes on and keeps its alerts in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gradwatch.alerts import CHECKS, AlertBook
+from gradwatch.detectors.base import Detector, StepContext
+from gradwatch.transfer import Pending
+
+if TYPE_CHECKING:
+    from gradwatch.config import Options
+    from gradwatch.params import ParamInfo
+
+__all__ = ["TensorBoardSink", "histogram_summary"]
+
+logger = logging.getLogger(__name__)
+
+HISTOGRAM_BINS = 64
+
+
+def _summary_writer(logdir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        msg = (
+            "gradwatch needs the tensorboard package to write event files for "
+            "logdir=...; install it with `pip install tensorboard`, or pass "
+            "logdir=None"
+        )
+        raise ImportError(msg) from err
+    return SummaryWriter(log_dir=str(logdir))
+
+
+def histogram_summary(tensor: torch.Tensor, bins: int = HISTOGRAM_BINS) -> torch.Tensor:
+    """Return ``[min, max, numel, sum, sum of squares, counts...]`` on the device.
+
+    The bins split [min, max] evenly; computing them on the device needs no host
+    synchronisation, because the values are rescaled to [0, 1] before ``histc``.
+    """
+    values = tensor.detach().reshape(-1).float()
+    if values.numel() == 0:
+        return torch.zeros(5 + bins, device=tensor.device)
+    low, high = torch.aminmax(values)
+    span = (high - low).clamp_min(torch.finfo(torch.float32).tiny)
+    counts = torch.histc((values - low) / span, bins=bins, min=0.0, max=1.0)
+    head = torch.stack(
+        [
+            low,
+            high,
+            torch.tensor(float(values.numel()), device=values.device),
+            values.sum(),
+            values.square().sum(),
+        ]
+    )
+    return torch.cat([head, counts])
+
+
+class TensorBoardSink(Detector):
+    """Write the session's figures to ``logdir`` with ``SummaryWriter``."""
+
+    def __init__(self, options: Options, alerts: AlertBook) -> None:
+        super().__init__(options)
+        assert options.logdir is not None
+        self._alerts = alerts
+        self._writer: Any = _summary_writer(options.logdir)
+        self._failed = False
+        self._histograms: list[tuple[str, Pending]] = []
+        self._alert_count = 0
+
+    def collect(self, ctx: StepContext) -> None:
+        every = self.options.histogram_every
+        if not every or ctx.step % every:
+            return
+        for info in ctx.judged:
+            self._queue_histograms(ctx, info)
+
+    def _queue_histograms(self, ctx: StepContext, info: ParamInfo) -> None:
+        grad = info.tensor.grad
+        if grad is not None and not grad.is_sparse and ctx.arrived(info):
+            self._histograms.append(
+                (f"gradwatch/grad/{info.name}", ctx.batch.add(histogram_summary(grad)))
+            )
+        self._histograms.append(
+            (
+                f"gradwatch/weight/{info.name}",
+                ctx.batch.add(histogram_summary(info.tensor)),
+            )
+        )
+
+    def analyse(self, ctx: StepContext) -> None:
+        histograms, self._histograms = self._histograms, []
+        if ctx.step % self.options.log_every == 0 or ctx.final:
+            self._write(self._scalars, ctx)
+        if histograms:
+            self._write(self._write_histograms, ctx.step, histograms)
+        if len(self._alerts) != self._alert_count:
+            self._alert_count = len(self._alerts)
+            self._write(self._scalars_alerts, ctx.step)
+            self._write(self._text, ctx.step)
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        writer, self._writer = self._writer, None
+        try:
+            writer.flush()
+            writer.close()
+        except OSError as err:
+            self._log_failure(err)
+
+    # Writing
+
+    def _write(self, method: Any, *args: Any) -> None:
+        if self._writer is None or self._failed:
+            return
+        try:
+            method(*args)
+        except OSError as err:
+            self._log_failure(err)
+
+    def _log_failure(self, err: OSError) -> None:
+        if not self._failed:
+            logger.error(
+                "gradwatch stopped writing TensorBoard events to %s: %s; training "
+                "goes on and alerts are still collected in memory",
+                self.options.logdir,
+                err,
+            )
+        self._failed = True
+
+    def _scalars(self, ctx: StepContext) -> None:
+        norms = {info.name: ctx.grad_norms.get(id(info.tensor)) for info in ctx.judged}
+        finite = [n for n in norms.values() if n is not None]
+        if finite:
+            total = math.sqrt(sum(n * n for n in finite))
+            self._writer.add_scalar("gradwatch/grad_norm/global", total, ctx.step)
+        for name, norm in norms.items():
+            if norm is not None:
+                self._writer.add_scalar(f"gradwatch/grad_norm/{name}", norm, ctx.step)
+        self._scalars_alerts(ctx.step)
+
+    def _scalars_alerts(self, step: int) -> None:
+        counts = dict.fromkeys(CHECKS, 0)
+        for alert in self._alerts:
+            counts[alert.check] = counts.get(alert.check, 0) + 1
+        for check, count in counts.items():
+            self._writer.add_scalar(f"gradwatch/alerts/{check}", count, step)
+
+    def _write_histograms(self, step: int, queued: list[tuple[str, Pending]]) -> None:
+        for tag, pending in queued:
+            low, high, num, total, squares, *counts = pending.values
+            if num == 0:
+                continue
+            width = (high - low) / len(counts) if high > low else 1.0
+            limits = [low + width * (i + 1) for i in range(len(counts))]
+            self._writer.add_histogram_raw(
+                tag, low, high, num, total, squares, limits, counts, global_step=step
+            )
+
+    def _text(self, step: int) -> None:
+        rows = [
+            "| step | severity | check | where | message |",
+            "|---|---|---|---|---|",
+        ]
+        for alert in self._alerts.as_list():
+            message = alert.message.replace("|", "\\|")
+            rows.append(
+                f"| {alert.step} | {alert.severity} | {alert.check} "
+                f"| `{alert.subject}` | {message} |"
+            )
+        self._writer.add_text("gradwatch/alerts", "\n".join(rows), step)
+        self._writer.flush()
