@@ -136,6 +136,7 @@ class Session:
         self._detectors = self._build_detectors()
         self._entered = False
         self._closed = False
+        self._watched = 0
 
     def _build_detectors(self) -> list[Detector]:
         options = self.options
@@ -163,7 +164,8 @@ class Session:
 
     def report(self) -> str:
         """Return a readable summary of every alert: what, where, when, the fix."""
-        return format_report(self.alerts, self._clock.step, len(self._table))
+        watched = self._watched if self._closed else len(self._table)
+        return format_report(self.alerts, self._clock.step, watched)
 
     # Context manager
 
@@ -204,6 +206,7 @@ class Session:
             detector.begin_step(0)
 
     def _detach(self) -> None:
+        self._watched = len(self._table)
         try:
             self._hooks.remove()
             for detector in self._detectors:

@@ -137,9 +137,9 @@ class DisconnectDetector(Detector):
         cut = self._trace.explain(info)
         first = ctx.step - state.judged + 1
         message = (
-            f"Gradient disconnect at step {ctx.step}: parameter {info.describe()} "
-            f"in module `{info.module or '<root>'}` received no gradient in any of "
-            f"the {state.judged} step(s) since step {first}. {_cause(cut, info)}"
+            f"Parameter {info.describe()} in module `{info.module or '<root>'}` "
+            f"received no gradient in any step from step {first} to {ctx.step}. "
+            f"{_cause(cut, info)}"
         )
         ctx.alert(
             "unused_parameter",
@@ -159,8 +159,8 @@ class DisconnectDetector(Detector):
         cut = self._trace.explain(info)
         last = ctx.step - state.gap
         message = (
-            f"Gradient stopped at step {ctx.step}: parameter {info.describe()} in "
-            f"module `{info.module or '<root>'}` received gradients in "
+            f"Parameter {info.describe()} in module `{info.module or '<root>'}` "
+            f"received gradients in "
             f"{state.arrived} earlier step(s), the last at step {last}, and none in "
             f"the {state.gap} step(s) since. {_cause(cut, info)} A branch no longer "
             f"taken, an expert that gets no tokens, or a `no_grad`/`detach` added "
@@ -186,9 +186,9 @@ class DisconnectDetector(Detector):
     ) -> None:
         size = "exactly zero" if norm == 0.0 else f"negligible (norm {norm:.3g})"
         message = (
-            f"Zero gradient at step {ctx.step}: parameter {info.describe()} in "
-            f"module `{info.module or '<root>'}` receives a gradient, but it has "
-            f"been {size} for {state.zero_streak} step(s); the median gradient norm "
+            f"Parameter {info.describe()} in module `{info.module or '<root>'}` "
+            f"receives a gradient, but it has been {size} for {state.zero_streak} "
+            f"step(s) up to step {ctx.step}; the median gradient norm "
             f"of the model is {median:.3g}. The path from the loss reaches it only "
             f"through operations with zero derivative: a constant (a weight "
             f"normalised to 1, a zero-initialised layer on both sides, a saturated "
@@ -217,8 +217,8 @@ class DisconnectDetector(Detector):
             more = f" and {len(orphans) - 8} more" if len(orphans) > 8 else ""
             ctx.alert(
                 "graph_cut",
-                f"Graph cut at step {ctx.step}: {_where(cut)}: "
-                f"{_CUT_TEXT[cut.kind]} It orphans {shown}{more}.",
+                f"{_where(cut)}: {_CUT_TEXT[cut.kind]} It orphans {shown}{more} "
+                f"(no gradient up to step {ctx.step}).",
                 module=module,
                 data={"kind": cut.kind, "orphaned": orphans, "caller": cut.caller},
             )

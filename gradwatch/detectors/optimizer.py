@@ -49,12 +49,13 @@ class OptimizerDetector(Detector):
         stale = self._stale_tensors(ctx)
         names = sorted({type(o).__name__ for o in self._clock.optimizers})
         message = (
-            f"Parameter not in optimizer at step {ctx.step}: {info.describe()} in "
-            f"module `{info.module or '<root>'}` receives gradients, but none of the "
-            f"optimizers that step the model ({', '.join(names)}) holds it, so it "
-            f"never changes. It was added, replaced or unfrozen after the optimizer "
-            f"was built, or left out of its param groups: rebuild the optimizer "
-            f"from model.parameters() or call optimizer.add_param_group(...)."
+            f"Parameter {info.describe()} in module `{info.module or '<root>'}` "
+            f"receives gradients, but none of the optimizers that step the model "
+            f"({', '.join(names)}) holds it, so it has not changed since step "
+            f"{ctx.step - streak + 1}. It was added, replaced or unfrozen after the "
+            f"optimizer was built, or left out of its param groups: rebuild the "
+            f"optimizer from model.parameters() or call "
+            f"optimizer.add_param_group(...)."
         )
         if stale:
             message += (
