@@ -9,6 +9,7 @@ Tags, all under ``gradwatch/``:
 ``gradwatch/grad/<param>``          gradient values (histogram)
 ``gradwatch/weight/<param>``        parameter values (histogram)
 ``gradwatch/alerts``                table of the alerts, in markdown (text)
+``gradwatch/alerts_json``           the same alerts as a JSON list (text), for tools
 ==================================  ===============================================
 
 Scalars are written every ``log_every`` steps, histograms every
@@ -19,6 +20,8 @@ logged once; the session goes on and keeps its alerts in memory.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 from pathlib import Path
@@ -89,6 +92,7 @@ class TensorBoardSink(Detector):
         self._failed = False
         self._histograms: list[tuple[str, Pending]] = []
         self._alert_count = 0
+        self._last_step = 0
 
     def collect(self, ctx: StepContext) -> None:
         every = self.options.histogram_every
@@ -111,6 +115,7 @@ class TensorBoardSink(Detector):
         )
 
     def analyse(self, ctx: StepContext) -> None:
+        self._last_step = ctx.step
         histograms, self._histograms = self._histograms, []
         if ctx.step % self.options.log_every == 0 or ctx.final:
             self._write(self._scalars, ctx)
@@ -122,8 +127,11 @@ class TensorBoardSink(Detector):
             self._write(self._text, ctx.step)
 
     def close(self) -> None:
+        """Write the final state of the alerts, then flush and close the writer."""
         if self._writer is None:
             return
+        if len(self._alerts):
+            self._write(self._text, self._last_step)
         writer, self._writer = self._writer, None
         try:
             writer.flush()
@@ -192,4 +200,8 @@ class TensorBoardSink(Detector):
                 f"| `{alert.subject}` | {message} |"
             )
         self._writer.add_text("gradwatch/alerts", "\n".join(rows), step)
+        records = [dataclasses.asdict(alert) for alert in self._alerts.as_list()]
+        self._writer.add_text(
+            "gradwatch/alerts_json", json.dumps(records, default=str), step
+        )
         self._writer.flush()
