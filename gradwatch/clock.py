@@ -8,6 +8,7 @@ the root module after a backward ends the step; ``gw.step()`` ends it explicitly
 
 from __future__ import annotations
 
+import gc
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -37,7 +38,9 @@ class StepClock:
         self._owned: dict[int, tuple[tuple[int, ...], frozenset[int]]] = {}
         self._before_step: list[Callable[[torch.optim.Optimizer], None]] = []
         self.step = 0
+        self.ending_in_forward = False
         self._carried: frozenset[int] = frozenset()
+        self._searched = False
 
     def attach(self, model: nn.Module, hooks: HookSet) -> None:
         hooks.add(register_optimizer_step_pre_hook(self._pre_hook))
@@ -118,5 +121,26 @@ class StepClock:
             self.end_step(optimizer)
 
     def _root_forward(self, module: nn.Module, args: Any) -> None:
-        if self.pending and not self.optimizers:
+        if not self.pending or self.optimizers or self._find_optimizers():
+            return
+        self.ending_in_forward = True
+        try:
             self.end_step(None)
+        finally:
+            self.ending_in_forward = False
+
+    def _find_optimizers(self) -> bool:
+        """Look once for optimizers that hold the model but have not stepped yet.
+
+        Without this, gradient accumulation before the first ``optimizer.step()``
+        would look like a loop without an optimizer, where every forward after a
+        backward ends a step. The search walks the garbage collector's objects
+        once per session.
+        """
+        if self._searched:
+            return False
+        self._searched = True
+        for candidate in gc.get_objects():
+            if issubclass(type(candidate), torch.optim.Optimizer):
+                self._watches(candidate)
+        return bool(self.optimizers)

@@ -132,7 +132,9 @@ class Session:
         self._hooks = HookSet()
         self._table = ParamTable(model, options.ignore)
         self._clock = StepClock(self._table, self._end_step)
-        self._trace = ForwardTrace(options, self._table)
+        self._trace = ForwardTrace(
+            options, self._table, lambda: not self._clock.ending_in_forward
+        )
         self._detectors = self._build_detectors()
         self._entered = False
         self._closed = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,14 +63,21 @@ class Cut:
 class ForwardTrace(Detector):
     """Records module calls on diagnostic steps and explains graph cuts."""
 
-    def __init__(self, options: Options, table: ParamTable) -> None:
+    def __init__(
+        self,
+        options: Options,
+        table: ParamTable,
+        removal_safe: Callable[[], bool] = lambda: True,
+    ) -> None:
         super().__init__(options)
         self._table = table
+        self._removal_safe = removal_safe
         self._model: weakref.ref[nn.Module] | None = None
         self._hooks = HookSet()
         self._names: dict[int, str] = {}
         self._armed = False
         self._active = False
+        self._enabled = False
         self._reset()
 
     def _reset(self) -> None:
@@ -93,9 +101,13 @@ class ForwardTrace(Detector):
         self._reset()
         trace = step < self.options.graph_walk_steps or self._armed
         self._armed = False
+        self._enabled = trace
         if trace and not self._active:
             self._install()
-        elif not trace and self._active:
+        elif not trace and self._active and self._removal_safe():
+            # Removing hooks while torch runs the hooks of a module call would make
+            # it call a removed hook, so a step that ends inside a forward keeps
+            # them, switched off by ``_enabled``.
             self._hooks.remove()
             self._active = False
 
@@ -121,7 +133,9 @@ class ForwardTrace(Detector):
             self._names.setdefault(id(module), name)
         self._active = True
 
-    def _pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+    def _pre_hook(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
+        if not self._enabled:
+            return
         self._depth += 1
         if self._depth == 1:
             self._entry_grad = torch.is_grad_enabled()
@@ -129,6 +143,8 @@ class ForwardTrace(Detector):
                 self._inputs.update(id(t) for t in iter_tensors((args, kwargs)))
 
     def _post_hook(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        if not self._enabled:
+            return
         self._depth = max(self._depth - 1, 0)
         if not self._entry_grad:
             return
