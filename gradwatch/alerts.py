@@ -93,7 +93,7 @@ class AlertBook:
 
         self._alerts[key] = dataclasses.replace(
             known,
-            last_step=max(known.last_step, alert.step),
+            last_step=max(known.last_step, alert.last_step),
             count=known.count + 1,
             data={**known.data, **alert.data},
         )

@@ -121,6 +121,9 @@ class StepClock:
             self.end_step(optimizer)
 
     def _root_forward(self, module: nn.Module, args: Any) -> None:
+        # Parameters unfrozen since the last forward get their arrival hook now,
+        # before the backward of this step.
+        self._table.watch_arrivals()
         if not self.pending or self.optimizers or self._find_optimizers():
             return
         self.ending_in_forward = True

@@ -40,6 +40,9 @@ class HookSet:
         if handle is not None:
             handle.remove()
 
+    def keys(self) -> list[object]:
+        return list(self._handles)
+
     def __contains__(self, key: object) -> bool:
         return key in self._handles
 

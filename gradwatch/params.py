@@ -103,7 +103,7 @@ class ParamTable:
             info.ignored = self._is_ignored(info.names)
             infos[key] = info
             self._past[key] = tensor
-        for key in self._infos.keys() - infos.keys():
+        for key in set(self._hooks.keys()) - infos.keys():
             self._hooks.discard(key)
             self.arrived.discard(key)
         self._infos = infos
@@ -112,14 +112,29 @@ class ParamTable:
 
     def watch_arrivals(self) -> None:
         """Hook every trainable tensor that is not hooked yet."""
+        for info in self._infos.values():
+            self._watch(info.tensor)
+
+    def watch_registered(self, value: object) -> None:
+        """Hook the tensors of a module or parameter being added to the model.
+
+        Registration hooks run before the model is rescanned, so a layer swapped in
+        mid-step has its gradient recorded from that step's backward on.
+        """
+        if isinstance(value, nn.Module):
+            for tensor in value.parameters():
+                self._watch(tensor)
+        elif isinstance(value, nn.Parameter):
+            self._watch(value)
+        self.dirty = True
+
+    def _watch(self, tensor: torch.Tensor) -> None:
+        key = id(tensor)
+        if key in self._hooks or not tensor.requires_grad:
+            return
         arrived = self.arrived
-        for key, info in self._infos.items():
-            if key in self._hooks or not info.tensor.requires_grad:
-                continue
-            handle = info.tensor.register_post_accumulate_grad_hook(
-                lambda tensor, key=key: arrived.add(key)
-            )
-            self._hooks.add(handle, key)
+        handle = tensor.register_post_accumulate_grad_hook(lambda _: arrived.add(key))
+        self._hooks.add(handle, key)
 
     def _is_ignored(self, names: list[str]) -> bool:
         candidates = set()

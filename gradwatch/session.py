@@ -220,7 +220,7 @@ class Session:
 
     def _on_register(self, module: nn.Module, name: str, value: Any) -> None:
         if self._table.contains_module(module):
-            self._table.dirty = True
+            self._table.watch_registered(value)
 
     # Steps
 

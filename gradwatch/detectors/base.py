@@ -59,21 +59,28 @@ class StepContext:
         check: str,
         message: str,
         *,
-        param: ParamInfo | None = None,
+        param: ParamInfo | str | None = None,
         module: str | None = None,
         data: dict[str, Any] | None = None,
         severity: Severity | None = None,
         step: int | None = None,
     ) -> None:
-        """Emit an alert of ``check`` unless the session switched it off."""
+        """Emit an alert of ``check`` unless the session switched it off.
+
+        ``param`` is the parameter concerned, or the qualified name of a tensor
+        that is not a registered parameter; ``module`` defaults to its module.
+        """
         if not self.options.enabled(check):
             return
+        name = param if isinstance(param, str) or param is None else param.name
+        if module is None and name is not None:
+            module = name.rpartition(".")[0]
         alert = Alert(
             check=check,
             severity=severity or CHECKS[check],
             step=self.step if step is None else step,
-            param=param.name if param is not None else None,
-            module=module if module is not None or param is None else param.module,
+            param=name,
+            module=module,
             message=message,
             data=dict(data or {}),
             last_step=self.step,

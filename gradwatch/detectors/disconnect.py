@@ -146,11 +146,9 @@ class DisconnectDetector(Detector):
             message,
             param=info,
             step=first,
-            data={
-                "steps_without_gradient": state.judged,
-                "names": info.names,
-                "cause": cut.kind if cut else "unknown",
-            },
+            data=_with_cause(
+                {"steps_without_gradient": state.judged, "names": info.names}, cut
+            ),
         )
         self._note_cut(cut, info)
 
@@ -172,7 +170,9 @@ class DisconnectDetector(Detector):
             message,
             param=info,
             step=last + 1,
-            data={"last_gradient_step": last, "steps_without_gradient": state.gap},
+            data=_with_cause(
+                {"last_gradient_step": last, "steps_without_gradient": state.gap}, cut
+            ),
         )
         self._note_cut(cut, info)
 
@@ -274,6 +274,13 @@ def _where(cut: Cut) -> str:
         after = f" after calling `{cut.caller}`" if cut.caller else ""
         return f"The graph is cut inside the forward of {module}{after}"
     return "The loss is cut from the model's output"
+
+
+def _with_cause(data: dict, cut: Cut | None) -> dict:
+    """Add the cut's kind; a repeat without a traced forward keeps the first one."""
+    if cut is not None:
+        data["cause"] = cut.kind
+    return data
 
 
 def _median_positive(norms) -> float:

@@ -244,6 +244,7 @@ class ForwardTrace(Detector):
                 f"of the model, so `model.parameters()` and usually the optimizer "
                 f"never see it. Keep submodules in nn.ModuleList/nn.ModuleDict and "
                 f"wrap trainable tensors in nn.Parameter.",
+                param=name,
                 module=module,
                 data={"name": name, "shape": list(leaf.shape)},
             )
