@@ -10,6 +10,10 @@ Tags, all under ``gradwatch/``:
 ``gradwatch/weight/<param>``        parameter values (histogram)
 ``gradwatch/alerts``                table of the alerts, in markdown (text)
 ``gradwatch/alerts_json``           the same alerts as a JSON list (text), for tools
+``gradwatch/symmetry/<layer>/``     distinct units of a layer, by weight and
+``distinct_units``                  gradient (scalar, on unit check steps)
+``gradwatch/dead_units/<layer>/``   fraction of a layer's units dead at this check
+``fraction``                        (scalar, on unit check steps)
 ==================================  ===============================================
 
 Scalars are written every ``log_every`` steps, histograms every
@@ -24,6 +28,7 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +98,14 @@ class TensorBoardSink(Detector):
         self._histograms: list[tuple[str, Pending]] = []
         self._alert_count = 0
         self._last_step = 0
+        self._figure_sources: list[Callable[[], dict[str, float]]] = []
+
+    def add_figure_source(self, source: Callable[[], dict[str, float]]) -> None:
+        """Write the scalars ``source()`` returns (tag to value) after each step.
+
+        Detectors that judge only some steps return an empty dict on the others.
+        """
+        self._figure_sources.append(source)
 
     def collect(self, ctx: StepContext) -> None:
         every = self.options.histogram_every
@@ -121,6 +134,8 @@ class TensorBoardSink(Detector):
             self._write(self._scalars, ctx)
         if histograms:
             self._write(self._write_histograms, ctx.step, histograms)
+        for source in self._figure_sources:
+            self._write(self._write_figures, ctx.step, source())
         if len(self._alerts) != self._alert_count:
             self._alert_count = len(self._alerts)
             self._write(self._scalars_alerts, ctx.step)
@@ -136,7 +151,7 @@ class TensorBoardSink(Detector):
         try:
             writer.flush()
             writer.close()
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - see _write
             self._log_failure(err)
 
     # Writing
@@ -146,10 +161,12 @@ class TensorBoardSink(Detector):
             return
         try:
             method(*args)
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001
+            # The writer's background thread re-raises its own failure here, as an
+            # OSError or one of tensorboard's file errors; neither may stop training.
             self._log_failure(err)
 
-    def _log_failure(self, err: OSError) -> None:
+    def _log_failure(self, err: Exception) -> None:
         if not self._failed:
             logger.error(
                 "gradwatch stopped writing TensorBoard events to %s: %s; training "
@@ -176,6 +193,10 @@ class TensorBoardSink(Detector):
             counts[alert.check] = counts.get(alert.check, 0) + 1
         for check, count in counts.items():
             self._writer.add_scalar(f"gradwatch/alerts/{check}", count, step)
+
+    def _write_figures(self, step: int, figures: dict[str, float]) -> None:
+        for tag, value in figures.items():
+            self._writer.add_scalar(tag, value, step)
 
     def _write_histograms(self, step: int, queued: list[tuple[str, Pending]]) -> None:
         for tag, pending in queued:
