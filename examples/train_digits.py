@@ -150,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="directory for TensorBoard event files (default: runs/digits/<fault>)",
     )
-    parser.add_argument("--epochs", type=int, default=10, help="passes over the data")
+    parser.add_argument("--epochs", type=int, default=20, help="passes over the data")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per step")
     parser.add_argument("--seed", type=int, default=0, help="seed of init and order")
     return parser.parse_args(argv)

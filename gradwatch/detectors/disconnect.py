@@ -138,7 +138,7 @@ class DisconnectDetector(Detector):
         first = ctx.step - state.judged + 1
         message = (
             f"Parameter {info.describe()} in module `{info.module or '<root>'}` "
-            f"received no gradient in any step from step {first} to {ctx.step}. "
+            f"has received no gradient since step {first}. "
             f"{_cause(cut, info)}"
         )
         ctx.alert(
@@ -217,8 +217,7 @@ class DisconnectDetector(Detector):
             more = f" and {len(orphans) - 8} more" if len(orphans) > 8 else ""
             ctx.alert(
                 "graph_cut",
-                f"{_where(cut)}: {_CUT_TEXT[cut.kind]} It orphans {shown}{more} "
-                f"(no gradient up to step {ctx.step}).",
+                f"{_where(cut)}: {_CUT_TEXT[cut.kind]} It orphans {shown}{more}.",
                 module=module,
                 data={"kind": cut.kind, "orphaned": orphans, "caller": cut.caller},
             )
