@@ -273,7 +273,7 @@ def test_hooks_removed_after_exit():
     model = make_model(spare=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = hook_state(model)
-    with gradwatch(model, logdir=None):
+    with gradwatch(model, on_alert="ignore"):
         run(model, optimizer)
         assert hook_state(model) != before
 
