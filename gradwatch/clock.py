@@ -36,6 +36,7 @@ class StepClock:
         self._on_step_end = on_step_end
         self._optimizers: dict[int, weakref.ref[torch.optim.Optimizer]] = {}
         self._owned: dict[int, tuple[tuple[int, ...], frozenset[int]]] = {}
+        self._union: tuple[tuple, frozenset[int]] = ((), frozenset())
         self._before_step: list[Callable[[torch.optim.Optimizer], None]] = []
         self.step = 0
         self.ending_in_forward = False
@@ -59,11 +60,7 @@ class StepClock:
 
     def owned(self, optimizer: torch.optim.Optimizer) -> frozenset[int]:
         """Return the ids of the tensors in ``optimizer``'s param groups."""
-        signature = tuple(
-            x
-            for g in optimizer.param_groups
-            for x in (id(g["params"]), len(g["params"]))
-        )
+        signature = _signature(optimizer)
         cached = self._owned.get(id(optimizer))
         if cached is not None and cached[0] == signature:
             return cached[1]
@@ -73,10 +70,14 @@ class StepClock:
 
     def owned_by_any(self) -> frozenset[int]:
         """Return the ids of the tensors held by any watched optimizer."""
-        owned: frozenset[int] = frozenset()
-        for optimizer in self.optimizers:
-            owned |= self.owned(optimizer)
-        return owned
+        optimizers = self.optimizers
+        key = tuple((id(o), _signature(o)) for o in optimizers)
+        if key != self._union[0]:
+            owned: frozenset[int] = frozenset()
+            for optimizer in optimizers:
+                owned |= self.owned(optimizer)
+            self._union = (key, owned)
+        return self._union[1]
 
     @property
     def pending(self) -> bool:
@@ -147,3 +148,10 @@ class StepClock:
             if issubclass(type(candidate), torch.optim.Optimizer):
                 self._watches(candidate)
         return bool(self.optimizers)
+
+
+def _signature(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
+    """Identify the param groups' contents cheaply: list ids and lengths."""
+    return tuple(
+        x for g in optimizer.param_groups for x in (id(g["params"]), len(g["params"]))
+    )

@@ -26,9 +26,11 @@ def foreach_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     for index, tensor in enumerate(tensors):
         groups[(tensor.device, tensor.dtype, tensor.is_sparse)].append(index)
 
-    device = tensors[0].device
-    norms = torch.empty(len(tensors), dtype=torch.float32, device=device)
     with torch.no_grad():
+        if len(groups) == 1 and not tensors[0].is_sparse:
+            return torch.stack(torch._foreach_norm(list(tensors))).float()
+        device = tensors[0].device
+        norms = torch.empty(len(tensors), dtype=torch.float32, device=device)
         for (_, _, sparse), indices in groups.items():
             members = [tensors[i] for i in indices]
             if sparse:
@@ -42,12 +44,18 @@ def foreach_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 class GradientNorms(Detector):
     """Fill ``ctx.grad_norms`` and ``ctx.param_norms`` for the judged parameters.
 
-    It must run before the detectors that read those figures.
+    Gradient norms are measured at every step, in one foreach call. Weights change
+    slowly, so their norms are measured on the first steps and every
+    ``log_every`` steps; other steps see the last measured value. This detector
+    must run before the detectors that read those figures.
     """
 
     def __init__(self, options) -> None:
         super().__init__(options)
-        self._pending: tuple[list[ParamInfo], Pending] | None = None
+        self._pending: tuple[list[ParamInfo], Pending, bool] | None = None
+
+    def _measures_weights(self, step: int) -> bool:
+        return step < self.options.patience or step % self.options.log_every == 0
 
     def collect(self, ctx: StepContext) -> None:
         infos = [
@@ -58,17 +66,24 @@ class GradientNorms(Detector):
         if not infos:
             self._pending = None
             return
-        grads = [info.tensor.grad for info in infos]
-        weights = [info.tensor.detach() for info in infos]
-        norms = torch.cat([foreach_norms(grads), foreach_norms(weights)])
-        self._pending = (infos, ctx.batch.add(norms))
+        norms = foreach_norms([info.tensor.grad for info in infos])
+        weights = self._measures_weights(ctx.step)
+        if weights:
+            norms = torch.cat(
+                [norms, foreach_norms([i.tensor.detach() for i in infos])]
+            )
+        self._pending = (infos, ctx.batch.add(norms), weights)
 
     def analyse(self, ctx: StepContext) -> None:
         if self._pending is None:
             return
-        infos, pending = self._pending
+        infos, pending, weights = self._pending
         self._pending = None
         count = len(infos)
+        values = pending.values
         for index, info in enumerate(infos):
-            ctx.grad_norms[id(info.tensor)] = pending.values[index]
-            ctx.param_norms[id(info.tensor)] = pending.values[count + index]
+            key = id(info.tensor)
+            ctx.grad_norms[key] = values[index]
+            if weights:
+                info.state["param_norm"] = values[count + index]
+            ctx.param_norms[key] = info.state.get("param_norm", 0.0)
