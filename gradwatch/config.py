@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gradwatch.alerts import CHECKS
 
 __all__ = ["ON_ALERT_POLICIES", "Options"]
@@ -29,6 +31,8 @@ class Options:
     graph_walk_steps: int = 2
     log_every: int = 10
     histogram_every: int = 100
+    masks: tuple[tuple[str, Any], ...] = ()
+    track_zeros: bool = False
 
     def __post_init__(self) -> None:
         _check_on_alert(self.on_alert)
@@ -40,6 +44,7 @@ class Options:
         _check_fraction("stop_confidence", self.stop_confidence)
         object.__setattr__(self, "ignore", _check_patterns(self.ignore))
         object.__setattr__(self, "checks", _check_checks(self.checks))
+        _check_masks(self.masks, self.track_zeros)
         object.__setattr__(self, "logdir", _check_logdir(self.logdir))
 
     def enabled(self, check: str) -> bool:
@@ -70,6 +75,28 @@ def _check_fraction(name: str, value: object) -> None:
     if not 0.0 < value < 1.0:
         msg = f"{name} must be a float in (0, 1), got {value!r}"
         raise ValueError(msg)
+
+
+def _check_masks(masks: object, track_zeros: object) -> None:
+    if not isinstance(track_zeros, bool):
+        msg = f"track_zeros must be True or False, got {track_zeros!r}"
+        raise ValueError(msg)
+    pairs = isinstance(masks, tuple) and all(
+        isinstance(p, tuple) and len(p) == 2 for p in masks
+    )
+    if not pairs:
+        msg = (
+            "masks must map parameter qualified names to mask tensors, such as "
+            f"{{'fc1.weight': keep}}, got {type(masks).__name__}"
+        )
+        raise ValueError(msg)
+    for name, mask in masks:  # type: ignore[union-attr]
+        if not isinstance(name, str) or not isinstance(mask, torch.Tensor):
+            msg = (
+                "masks must map parameter qualified names (str) to mask tensors, "
+                f"got {type(name).__name__} -> {type(mask).__name__}"
+            )
+            raise ValueError(msg)
 
 
 def _check_patterns(patterns: object) -> tuple[str, ...]:

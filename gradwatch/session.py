@@ -23,6 +23,7 @@ from gradwatch.config import Options
 from gradwatch.detectors.base import Detector, StepContext
 from gradwatch.detectors.disconnect import DisconnectDetector
 from gradwatch.detectors.forward_trace import ForwardTrace
+from gradwatch.detectors.masks import MaskDetector
 from gradwatch.detectors.optimizer import OptimizerDetector
 from gradwatch.errors import GradwatchError, GradwatchWarning, warning_class_for
 from gradwatch.handles import HookSet
@@ -48,6 +49,8 @@ def gradwatch(
     patience: int = 3,
     ignore: Sequence[str] = (),
     checks: Sequence[str] | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
+    track_zeros: bool = False,
     zero_tol: float = 1e-6,
     stop_confidence: float = 1e-4,
     graph_walk_steps: int = 2,
@@ -75,6 +78,13 @@ def gradwatch(
         patience: Steps a finding must persist before it is reported.
         ignore: Glob patterns of parameter or module qualified names not to watch.
         checks: The check ids to run (all when None).
+        masks: Parameter qualified name to mask, for masks that live outside
+            the model; each is watched as ``gw.watch_mask(name, mask)`` would.
+            Masks of ``torch.nn.utils.prune`` and mask buffers beside a
+            parameter are found without it.
+        track_zeros: Take the exact zeros each parameter holds when the
+            session starts as its mask (one-shot pruning through ``.data``):
+            ``mask_revived`` then reports them turning nonzero.
         zero_tol: A gradient whose norm is below ``zero_tol`` times both the median
             gradient norm of the model and the parameter's own norm counts as zero.
         stop_confidence: Chance, under the parameter's own arrival rate so far,
@@ -94,6 +104,8 @@ def gradwatch(
         patience=patience,
         ignore=tuple(ignore) if not isinstance(ignore, str) else (ignore,),
         checks=tuple(checks) if checks is not None else None,
+        masks=tuple((masks or {}).items()),
+        track_zeros=track_zeros,
         zero_tol=zero_tol,
         stop_confidence=stop_confidence,
         graph_walk_steps=graph_walk_steps,
@@ -135,6 +147,9 @@ class Session:
         self._trace = ForwardTrace(
             options, self._table, lambda: not self._clock.ending_in_forward
         )
+        self._masks = MaskDetector(options, self._table, self._clock)
+        for name, mask in options.masks:
+            self._masks.watch(model, name, mask, label="the masks option")
         self._detectors = self._build_detectors()
         self._entered = False
         self._closed = False
@@ -147,9 +162,12 @@ class Session:
             self._trace,
             DisconnectDetector(options, self._trace),
             OptimizerDetector(options, self._clock),
+            self._masks,
         ]
         if options.logdir is not None:
-            detectors.append(TensorBoardSink(options, self._book))
+            sink = TensorBoardSink(options, self._book)
+            sink.add_figure_source(self._masks.scalars)
+            detectors.append(sink)
         return detectors
 
     # Public API
@@ -168,6 +186,51 @@ class Session:
         """Return a readable summary of every alert: what, where, when, the fix."""
         watched = self._watched if self._closed else len(self._table)
         return format_report(self.alerts, self._clock.step, watched)
+
+    def watch_mask(
+        self,
+        param: nn.Parameter | str,
+        mask: torch.Tensor,
+        mode: str = "zero",
+        *,
+        in_graph: bool = False,
+    ) -> None:
+        """Watch a mask that lives outside the model; callable at any time.
+
+        Mask convention as in ``torch.nn.utils.prune``: 1 or True keeps an entry
+        trainable, 0 or False masks it. Registering a new mask for the same
+        parameter replaces the old one; changing ``mask`` in place is followed.
+
+        Example::
+
+            keep = weight.abs() > threshold
+            with torch.no_grad():
+                weight.mul_(keep)
+            gw.watch_mask(weight, keep)
+
+        Args:
+            param: A parameter of the watched model, or its qualified name.
+            mask: Bool, or 0/1 values, of the parameter's shape or broadcasting
+                to it.
+            mode: ``"zero"``: masked entries must be exactly zero at every
+                forward (pruning). ``"frozen"``: they must keep the values they
+                hold now (partial fine-tuning, rows retired from training).
+            in_graph: True if the training code multiplies by ``mask`` in
+                forward; then a gradient on masked entries is an error. By
+                default the mask is taken to be enforced by value (entries reset
+                after each step), where such a gradient is only info.
+
+        Raises:
+            TypeError: ``param`` or ``mask`` is not a tensor (or a name).
+            ValueError: ``param`` is not a parameter of the model, ``mask`` does
+                not fit it or holds values other than 0 and 1, or ``mode`` is
+                invalid.
+            RuntimeError: The session has ended.
+        """
+        if self._closed or self._model is None:
+            msg = "watch_mask() works only until the `with gradwatch(...)` block ends"
+            raise RuntimeError(msg)
+        self._masks.watch(self._model, param, mask, mode, in_graph=in_graph)
 
     # Context manager
 
