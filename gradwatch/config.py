@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +12,12 @@ import torch
 
 from gradwatch.alerts import CHECKS
 
-__all__ = ["ON_ALERT_POLICIES", "Options"]
+__all__ = ["ON_ALERT_POLICIES", "UNIT_GROUP_KINDS", "Options"]
 
 ON_ALERT_POLICIES = ("warn", "raise", "ignore")
+
+#: Values of ``unit_groups``: ``"children"`` makes each child module one unit.
+UNIT_GROUP_KINDS = ("children",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +36,12 @@ class Options:
     histogram_every: int = 100
     masks: tuple[tuple[str, Any], ...] = ()
     track_zeros: bool = False
+    symmetry_every: int = 25
+    symmetry_tol: float = 1e-4
+    activations: bool = True
+    dead_fraction: float = 0.5
+    watch_outputs: tuple[str, ...] = ()
+    unit_groups: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_on_alert(self.on_alert)
@@ -42,6 +51,12 @@ class Options:
         _check_int("histogram_every", self.histogram_every, minimum=0)
         _check_fraction("zero_tol", self.zero_tol)
         _check_fraction("stop_confidence", self.stop_confidence)
+        _check_int("symmetry_every", self.symmetry_every, minimum=1)
+        _check_fraction("symmetry_tol", self.symmetry_tol)
+        _check_dead_fraction(self.dead_fraction)
+        _check_bool("activations", self.activations)
+        object.__setattr__(self, "watch_outputs", _check_names(self.watch_outputs))
+        object.__setattr__(self, "unit_groups", _check_unit_groups(self.unit_groups))
         object.__setattr__(self, "ignore", _check_patterns(self.ignore))
         object.__setattr__(self, "checks", _check_checks(self.checks))
         _check_masks(self.masks, self.track_zeros)
@@ -75,6 +90,46 @@ def _check_fraction(name: str, value: object) -> None:
     if not 0.0 < value < 1.0:
         msg = f"{name} must be a float in (0, 1), got {value!r}"
         raise ValueError(msg)
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        msg = f"{name} must be True or False, got {value!r}"
+        raise ValueError(msg)
+
+
+def _check_dead_fraction(value: object) -> None:
+    valid = isinstance(value, int | float) and not isinstance(value, bool)
+    if not valid or not 0.0 < value <= 1.0:  # type: ignore[operator]
+        msg = f"dead_fraction must be a float in (0, 1], got {value!r}"
+        raise ValueError(msg)
+
+
+def _check_names(names: object) -> tuple[str, ...]:
+    if isinstance(names, str):
+        names = (names,)
+    if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+        msg = (
+            "watch_outputs must be a sequence of module qualified names (or glob "
+            f"patterns), such as ('encoder', 'projector'), got {names!r}"
+        )
+        raise ValueError(msg)
+    return tuple(names)
+
+
+def _check_unit_groups(groups: object) -> dict[str, str]:
+    valid = ", ".join(repr(k) for k in UNIT_GROUP_KINDS)
+    if not isinstance(groups, Mapping) or not all(isinstance(k, str) for k in groups):
+        msg = (
+            "unit_groups must map module names to a unit kind, such as "
+            f"{{'moe.experts': 'children'}}, got {groups!r}"
+        )
+        raise ValueError(msg)
+    for name, kind in groups.items():
+        if kind not in UNIT_GROUP_KINDS:
+            msg = f"unit_groups[{name!r}] must be one of {valid}, got {kind!r}"
+            raise ValueError(msg)
+    return dict(groups)
 
 
 def _check_masks(masks: object, track_zeros: object) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,10 +21,13 @@ from gradwatch.alerts import Alert, AlertBook
 from gradwatch.clock import StepClock
 from gradwatch.config import Options
 from gradwatch.detectors.base import Detector, StepContext
+from gradwatch.detectors.collapse import CollapseDetector
+from gradwatch.detectors.dead_units import DeadUnitsDetector
 from gradwatch.detectors.disconnect import DisconnectDetector
 from gradwatch.detectors.forward_trace import ForwardTrace
 from gradwatch.detectors.masks import MaskDetector
 from gradwatch.detectors.optimizer import OptimizerDetector
+from gradwatch.detectors.symmetry import SymmetryDetector
 from gradwatch.errors import GradwatchError, GradwatchWarning, warning_class_for
 from gradwatch.handles import HookSet
 from gradwatch.params import ParamTable
@@ -56,6 +59,12 @@ def gradwatch(
     graph_walk_steps: int = 2,
     log_every: int = 10,
     histogram_every: int = 100,
+    symmetry_every: int = 25,
+    symmetry_tol: float = 1e-4,
+    activations: bool = True,
+    dead_fraction: float = 0.5,
+    watch_outputs: Sequence[str] = (),
+    unit_groups: Mapping[str, str] | None = None,
 ) -> Session:
     """Watch the gradients of ``model`` while a training loop runs.
 
@@ -93,6 +102,20 @@ def gradwatch(
             graph cuts and unregistered parameters.
         log_every: Steps between TensorBoard scalar records.
         histogram_every: Steps between TensorBoard histograms; 0 writes none.
+        symmetry_every: Steps between the unit checks (``symmetric_units``,
+            ``dead_units``, ``representation_collapse``); the first 10 steps are
+            always checked.
+        symmetry_tol: Two units are equal when their weight rows, and their
+            gradient rows, differ by at most this fraction of the row norm.
+        activations: Hook activation modules (``nn.ReLU``, ``nn.Sigmoid``, ...)
+            on check steps to find units whose output is constant over the batch.
+        dead_fraction: Fraction of a layer's units that must be dead before
+            ``dead_units`` reports the layer.
+        watch_outputs: Qualified names (or glob patterns) of modules whose output
+            ``representation_collapse`` watches, besides the model's output.
+        unit_groups: Module name (or glob pattern) to unit kind; ``"children"``
+            checks the module's children, such as a mixture's experts, as units
+            for ``symmetric_units``.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -111,6 +134,14 @@ def gradwatch(
         graph_walk_steps=graph_walk_steps,
         log_every=log_every,
         histogram_every=histogram_every,
+        symmetry_every=symmetry_every,
+        symmetry_tol=symmetry_tol,
+        activations=activations,
+        dead_fraction=dead_fraction,
+        watch_outputs=tuple(watch_outputs)
+        if not isinstance(watch_outputs, str)
+        else (watch_outputs,),
+        unit_groups=dict(unit_groups or {}),
     )
     return Session(model, options)
 
@@ -164,8 +195,16 @@ class Session:
             OptimizerDetector(options, self._clock),
             self._masks,
         ]
+        units = [
+            SymmetryDetector(options),
+            DeadUnitsDetector(options),
+            CollapseDetector(options),
+        ]
+        detectors.extend(units)
         if options.logdir is not None:
             sink = TensorBoardSink(options, self._book)
+            for detector in units[:2]:
+                sink.add_figure_source(lambda d=detector: d.figures)
             sink.add_figure_source(self._masks.scalars)
             detectors.append(sink)
         return detectors

@@ -1,0 +1,334 @@
+"""Units that no longer take part in training: dead ReLUs and saturated units.
+
+Check: ``dead_units``.
+
+Two signals, both judged on check steps (see :func:`~.units.is_check_step`):
+
+- gradient: a unit of a Linear or conv layer whose gradient row (weight row and
+  bias entry) is exactly zero while its weights are not all zero;
+- activation (``activations=True``): a unit whose output from an activation
+  module (``nn.ReLU``, ``nn.Sigmoid``, ``nn.Tanh``, ...) is the same value, 0
+  for a dead ReLU, for every sample of the batch, in every call of the step.
+
+A unit is dead once a signal held at ``patience`` consecutive checks, and a layer
+is reported when at least ``dead_fraction`` of its units are dead. When an
+activation follows a layer that is also reported by gradient, only the
+activation is reported.
+
+Limitations:
+    The unit axis of an activation's output comes from the layer that produced
+    its input (last axis after Linear and LayerNorm, axis 1 after conv and batch
+    norm); when no hooked layer produced it, 2-D and 4-D or wider outputs use
+    axis 1 and 3-D outputs the last axis, which is wrong for a Conv1d feature map
+    that reaches the activation through a functional op. Functional activations
+    (``F.relu``) are seen only through the gradient signal. Rows whose weights
+    are all zero are taken for pruned and not counted. Activation hooks run only
+    on check steps; each call then costs two reductions over the output.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from gradwatch.detectors.base import Detector, StepContext
+from gradwatch.detectors.units import UnitLayout, find_layouts, is_check_step
+from gradwatch.handles import HookSet
+from gradwatch.transfer import Pending
+
+if TYPE_CHECKING:
+    from gradwatch.config import Options
+
+__all__ = ["DeadUnitsDetector"]
+
+_ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Softplus,
+    nn.Mish,
+    nn.Threshold,
+)
+_LAST_AXIS = (nn.Linear, nn.LayerNorm, nn.RMSNorm)
+_AXIS_ONE = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+
+
+class _Probe:
+    """What an activation module output during one check step."""
+
+    def __init__(self, constant: torch.Tensor, zero: torch.Tensor, after: str | None):
+        self.constant = constant
+        self.zero = zero
+        self.after = after
+
+
+class DeadUnitsDetector(Detector):
+    """Report layers where a large fraction of the units is dead."""
+
+    def __init__(self, options: Options) -> None:
+        super().__init__(options)
+        self._model: weakref.ref[nn.Module] | None = None
+        self._hooks = HookSet()
+        self._producers: dict[int, tuple[Any, str, int]] = {}
+        self._probes: dict[tuple[str, int], _Probe] = {}
+        self._streaks: dict[tuple[str, int], torch.Tensor] = {}
+        self._check_steps: list[int] = []
+        self._pending: list[tuple[str, Any, Pending]] = []
+        self.figures: dict[str, float] = {}
+
+    def attach(self, model: nn.Module, hooks: HookSet) -> None:
+        self._model = weakref.ref(model)
+        hooks.add(_Remover(self))
+
+    def begin_step(self, step: int) -> None:
+        self._producers = {}
+        self._probes = {}
+        check = is_check_step(step, self.options.symmetry_every)
+        if check and self.options.activations and not len(self._hooks):
+            self._install()
+        elif not check:
+            self._hooks.remove()
+
+    def close(self) -> None:
+        self._hooks.remove()
+        self._producers = {}
+        self._probes = {}
+        self._streaks = {}
+        self._pending = []
+
+    # Activation probes
+
+    def _install(self) -> None:
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return
+        for name, module in model.named_modules():
+            if isinstance(module, _ACTIVATIONS):
+                hook = self._activation_hook(name)
+            elif isinstance(module, _LAST_AXIS + _AXIS_ONE):
+                hook = self._producer_hook(
+                    name, -1 if isinstance(module, _LAST_AXIS) else 1
+                )
+            else:
+                continue
+            self._hooks.add(module.register_forward_hook(hook))
+
+    def _producer_hook(self, name: str, axis: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                self._producers[id(output)] = (weakref.ref(output), name, axis)
+
+        return hook
+
+    def _activation_hook(self, name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+                return
+            if output.dim() < 2 or not output.is_floating_point():
+                return
+            source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            after, axis = self._producer_of(source, output.dim())
+            self._record(name, output.detach(), axis, after)
+
+        return hook
+
+    def _producer_of(self, source: torch.Tensor | None, dim: int) -> tuple:
+        entry = self._producers.get(id(source)) if source is not None else None
+        if entry is not None and entry[0]() is source:
+            return entry[1], entry[2]
+        return None, -1 if dim == 3 else 1
+
+    def _record(self, name: str, output: torch.Tensor, axis: int, after: str | None):
+        units = output.shape[axis]
+        others = [d for d in range(output.dim()) if d != axis % output.dim()]
+        if output.numel() // units < 2:
+            return
+        with torch.no_grad():
+            high = output.amax(dim=others)
+            low = output.amin(dim=others)
+            constant = high == low
+            zero = constant & (high == 0)
+        key = (name, units)
+        probe = self._probes.get(key)
+        if probe is None:
+            self._probes[key] = _Probe(constant, zero, after)
+        else:
+            probe.constant &= constant
+            probe.zero &= zero
+
+    # Analysis
+
+    def collect(self, ctx: StepContext) -> None:
+        self._pending = []
+        if not is_check_step(ctx.step, self.options.symmetry_every):
+            return
+        self._check_steps = [*self._check_steps, ctx.step][-self.options.patience :]
+        for key in [
+            k for k in self._streaks if k[0] == "act" and k[1:] not in self._probes
+        ]:
+            del self._streaks[key]
+        for key, probe in self._probes.items():
+            counts = self._advance(("act", *key), probe.constant)
+            zeros = probe.zero.sum().reshape(1)
+            self._pending.append(
+                ("act", (key, probe), ctx.batch.add(torch.cat([counts, zeros])))
+            )
+        self._probes = {}
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return
+        judged = {id(info.tensor) for info in ctx.judged}
+        with torch.no_grad():
+            for layout in find_layouts(model, ctx.table, {}):
+                if layout.kind != "rows":
+                    continue
+                if not all(
+                    id(i.tensor) in judged and ctx.arrived(i) for i in layout.params
+                ):
+                    continue
+                dead = _zero_gradient_rows(layout)
+                if dead is not None:
+                    counts = self._advance(("grad", layout.module, layout.count), dead)
+                    self._pending.append(("grad", layout, ctx.batch.add(counts)))
+
+    def _advance(self, key: tuple, dead: torch.Tensor) -> torch.Tensor:
+        """Update the per-unit streaks; return ``[dead now, dead for patience]``."""
+        streak = self._streaks.get(key)
+        if streak is None or streak.shape != dead.shape:
+            streak = torch.zeros(dead.shape, dtype=torch.int32, device=dead.device)
+        streak = (streak + 1) * dead
+        self._streaks[key] = streak
+        persistent = streak >= self.options.patience
+        return torch.stack([dead.sum(), persistent.sum()])
+
+    def analyse(self, ctx: StepContext) -> None:
+        pending, self._pending = self._pending, []
+        self.figures = {}
+        covered: set[str] = set()
+        for source, subject, queued in sorted(pending, key=lambda p: p[0]):
+            if source == "act":
+                (name, units), probe = subject
+                now, persistent, zeros = (int(v) for v in queued.values)
+                self.figures[f"gradwatch/dead_units/{name}/fraction"] = now / units
+                if persistent >= self.options.dead_fraction * units:
+                    covered.add(probe.after or "")
+                    self._alert_activation(ctx, name, units, persistent, zeros, probe)
+                continue
+            layout: UnitLayout = subject
+            now, persistent = (int(v) for v in queued.values)
+            tag = f"gradwatch/dead_units/{layout.module}/fraction"
+            self.figures.setdefault(tag, now / layout.count)
+            if layout.module in covered:
+                continue
+            if persistent >= self.options.dead_fraction * layout.count:
+                self._alert_gradient(ctx, layout, persistent)
+
+    def _alert_activation(
+        self,
+        ctx: StepContext,
+        name: str,
+        units: int,
+        dead: int,
+        zeros: int,
+        probe: _Probe,
+    ) -> None:
+        after = f" (the output of `{probe.after}`)" if probe.after else ""
+        value = "0" if zeros == dead else "the same value (0 or a saturated value)"
+        whole = "Every unit is dead: the layer passes no signal and no gradient. "
+        message = (
+            f"{dead} of {units} units of activation `{name}`{after} output {value} "
+            f"for every sample of the batch at {self.options.patience} checks in a "
+            f"row up to step {ctx.step}, so they pass no gradient back and cannot "
+            f"recover. {whole if dead == units else ''}{_CAUSES}"
+        )
+        ctx.alert(
+            "dead_units",
+            message,
+            module=name,
+            step=self._check_steps[0],
+            data={
+                "dead_units": dead,
+                "units": units,
+                "fraction": dead / units,
+                "layer": probe.after,
+                "signal": "activation",
+            },
+        )
+
+    def _alert_gradient(self, ctx: StepContext, layout: UnitLayout, dead: int) -> None:
+        whole = dead == layout.count
+        scope = (
+            "Every unit of the layer is dead: nothing upstream of it learns through "
+            "it (a ReLU or clamp on an output that is negative for all samples kills "
+            "a whole layer). "
+            if whole
+            else ""
+        )
+        message = (
+            f"{dead} of {layout.count} units of {layout.module_type} "
+            f"`{layout.module}` ({layout.param.describe()}) received an exactly zero "
+            f"gradient at {self.options.patience} checks in a row up to step "
+            f"{ctx.step}, while their weights are not zero. {scope}{_CAUSES}"
+        )
+        ctx.alert(
+            "dead_units",
+            message,
+            param=layout.param,
+            module=layout.module,
+            step=self._check_steps[0],
+            data={
+                "dead_units": dead,
+                "units": layout.count,
+                "fraction": dead / layout.count,
+                "signal": "gradient",
+            },
+        )
+
+
+_CAUSES = (
+    "Dying ReLUs follow a learning rate too large for the input scale (scale the "
+    "inputs, lower the learning rate, add warm-up) or a large negative bias; "
+    "saturated sigmoid or tanh units follow large pre-activations. Use LeakyReLU "
+    "or GELU, normalise the layer's input, or re-initialise the dead units."
+)
+
+
+def _zero_gradient_rows(layout: UnitLayout) -> torch.Tensor | None:
+    grads = layout.matrices(grads=True)
+    weights = layout.matrices(grads=False)
+    if grads is None or weights is None:
+        return None
+    moving = sum((g != 0).any(dim=1).int() for g in grads)
+    weighted = sum((w != 0).any(dim=1).int() for w in weights)
+    return (moving == 0) & (weighted > 0)  # type: ignore[operator]
+
+
+class _Remover:
+    """Adapter so that the session's hook set also removes this detector's hooks."""
+
+    def __init__(self, detector: DeadUnitsDetector) -> None:
+        self._detector = weakref.ref(detector)
+
+    def remove(self) -> None:
+        detector = self._detector()
+        if detector is not None:
+            detector.close()
