@@ -76,9 +76,13 @@ class _Settings:
         patience = self.patience if self.patience is not None else "default"
         logdir = self.logdir if self.logdir is not None else "none"
         return (
-            f"gradwatch: tests fail on alerts of severity {self.severity} or more "
-            f"serious; patience={patience}, checks={checks}, logdir={logdir}"
+            f"gradwatch: tests fail on alerts of severity {_threshold(self.severity)}; "
+            f"patience={patience}, checks={checks}, logdir={logdir}"
         )
+
+
+def _threshold(severity: Severity) -> str:
+    return "error" if severity == "error" else f"{severity} or more serious"
 
 
 _SETTINGS_KEY = pytest.StashKey[_Settings]()
