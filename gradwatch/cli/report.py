@@ -75,19 +75,18 @@ def _fails(run: Run, fail_on: str) -> bool:
 def _as_text(runs: list[Run], failing: list[Run], fail_on: str, messages: bool) -> str:
     blocks = [_run_text(run, messages) for run in runs]
     total = sum(len(run.alerts) for run in runs)
-    verdict = (
-        f"{len(failing)} of {len(runs)} run(s) have alerts of severity {fail_on} "
-        f"or more serious"
-        if failing
-        else f"no run has alerts of severity {fail_on} or more serious"
-    )
+    severity = fail_on if fail_on == "error" else f"{fail_on} or more serious"
+    if failing:
+        verdict = f"{len(failing)} of {len(runs)} run(s) have alerts of severity"
+    else:
+        verdict = "no run has alerts of severity"
+    verdict = f"{verdict} {severity}"
     blocks.append(f"{len(runs)} run(s), {total} alert(s) listed; {verdict}.\n")
     return "\n".join(blocks)
 
 
 def _run_text(run: Run, messages: bool) -> str:
-    step = f"last step {run.last_step}" if run.last_step is not None else "no steps"
-    lines = [f"run {run.label} ({step})"]
+    lines = [f"run {run.label} (last gradwatch record at step {run.last_step})"]
     if not run.alerts and not run.check_counts():
         lines.append("  no alerts")
         return "\n".join(lines) + "\n"
