@@ -16,9 +16,11 @@ import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune as prune
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -33,6 +35,7 @@ class Setup:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scale_inputs: bool = True
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 FAULTS: dict[str, tuple[str, Callable[[], Setup]]] = {}
@@ -105,6 +108,64 @@ def not_in_optimizer() -> Setup:
     return Setup(model, torch.optim.Adam(body, lr=1e-3))
 
 
+@fault("zero-init", "every layer is zero-initialised: hidden units stay identical")
+def zero_init() -> Setup:
+    model = DigitsMLP()
+    for layer in (model.fc1, model.fc2, model.head):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    return Setup(model, adam(model))
+
+
+@fault("dead-relu", "unscaled inputs and SGD at lr 0.5 kill most ReLU units of fc1")
+def dead_relu() -> Setup:
+    model = DigitsMLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    return Setup(model, optimizer, scale_inputs=False)
+
+
+class MaskedLinear(nn.Linear):
+    """A linear layer with a 0/1 ``mask`` buffer; ``apply_mask`` uses it in forward."""
+
+    def __init__(self, keep: torch.Tensor, apply_mask: bool) -> None:
+        super().__init__(keep.shape[1], keep.shape[0])
+        self.register_buffer("mask", keep.float())
+        self.apply_mask = apply_mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight * self.mask if self.apply_mask else self.weight
+        return F.linear(x, weight, self.bias)
+
+
+def random_keep(rows: int, cols: int, density: float = 0.2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.rand(rows, cols, generator=generator) < density
+
+
+@fault("mask-leak", "fc1's forward ignores its mask buffer: masked weights learn")
+def mask_leak() -> Setup:
+    model = DigitsMLP()
+    model.fc1 = MaskedLinear(random_keep(128, 64), apply_mask=False)
+    return Setup(model, adam(model))
+
+
+@fault("mask-revived", "fc1 is pruned once through .data: Adam regrows the zeros")
+def mask_revived() -> Setup:
+    model = DigitsMLP()
+    keep = random_keep(128, 64)
+    model.fc1.weight.data.mul_(keep)
+    return Setup(model, adam(model), options={"masks": {"fc1.weight": keep}})
+
+
+@fault("prune-ok", "fc1 and fc2 pruned with torch.nn.utils.prune: stays silent")
+def prune_ok() -> Setup:
+    model = DigitsMLP()
+    prune.l1_unstructured(model.fc1, "weight", amount=0.8)
+    prune.ln_structured(model.fc2, "weight", amount=0.25, n=2, dim=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    return Setup(model, optimizer)
+
+
 def load_data(scale: bool) -> tuple[torch.Tensor, ...]:
     images, labels = load_digits(return_X_y=True)
     if scale:
@@ -164,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     setup = FAULTS[args.fault][1]()
-    with gradwatch(setup.model, logdir=logdir) as gw:
+    with gradwatch(setup.model, logdir=logdir, **setup.options) as gw:
         accuracy = train(setup, args.epochs, args.batch_size, args.seed)
 
     print(

@@ -289,6 +289,7 @@ class MaskDetector(Detector):
             revived = int(item.revived.value) if item.revived is not None else None
             if revived and item.watch.checks_forward_values:
                 self._report_revival(ctx, item, revived, masked)
+            item.watch.seen_clean |= revived == 0
             numel = max(item.watch.param.numel(), 1)
             figures[item.info.name] = MaskFigures(masked / numel, leaking, revived)
         self.figures = figures

@@ -120,6 +120,7 @@ class MaskWatch:
         forwards: Forwards sampled in this step.
         first_leak_step: First step at which masked entries had a nonzero
             gradient, or None.
+        seen_clean: Whether some step's forwards saw every masked entry intact.
         diagnosis: Cause of a revival, found once when it is first reported.
         unusable: Why the mask cannot be checked any longer, or None.
     """
@@ -138,6 +139,7 @@ class MaskWatch:
     revived: torch.Tensor | None = None
     forwards: int = 0
     first_leak_step: int | None = None
+    seen_clean: bool = False
     diagnosis: Diagnosis | None = None
     unusable: str | None = None
     _cache: tuple[torch.Tensor, int | None, torch.Tensor, torch.Tensor] | None = None
@@ -148,10 +150,14 @@ class MaskWatch:
         """Whether a forward with broken masked entries is reported.
 
         For a mask buffer multiplied in forward, the raw weight's masked entries
-        may hold anything, because the forward never sees them; they count only
-        once a leaking gradient shows that the forward bypasses the mask.
+        may hold anything, because the forward never sees them. They count only
+        once a leaking gradient shows that the forward bypasses the mask, and
+        only if a forward saw them all zero before: otherwise they never were
+        masked, and ``mask_leak`` has said so.
         """
-        return self.source != "buffer" or self.first_leak_step is not None
+        if self.source != "buffer":
+            return True
+        return self.first_leak_step is not None and self.seen_clean
 
     def masked(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Return the masked entries as a bool tensor and their count.
