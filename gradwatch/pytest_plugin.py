@@ -15,9 +15,9 @@ session, enters it and returns it; the loop under test then runs unchanged::
             model(x).sum().backward()
             optimizer.step()
 
-When the test function returns, every session is exited and the test fails if
-an alert of the failing severity (``"error"`` by default) was raised; the
-failure text is the session's report. Warning-severity alerts that do not fail
+When the test function returns, every session is exited. The test fails if an
+alert of the failing severity (``"error"`` by default) was raised, with the
+session's report as the failure text. Warning-severity alerts that do not fail
 the test are listed in one :class:`GradwatchWarning`. Sessions built here
 default to ``on_alert="ignore"``, so alerts are not also logged and warned one
 by one; pass ``on_alert=`` to change that. A session can also be used as
@@ -374,7 +374,7 @@ def gradwatch_fixture(request: pytest.FixtureRequest) -> Iterator[SessionFactory
 
     The test fails if any session raised an alert of the failing severity
     (``"error"`` unless the marker, ``--gradwatch-severity`` or
-    ``--gradwatch-strict`` say otherwise). Every session is exited at teardown,
+    ``--gradwatch-strict`` set another). Every session is exited at teardown,
     so its hooks are removed whatever the test did.
     """
     settings = request.config.stash[_SETTINGS_KEY]
@@ -405,7 +405,9 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
             factory.close(err)
             factory.judged = True
             for index, watched in enumerate(factory.sessions):
-                item.add_report_section("call", f"gradwatch {index}", watched.report())
+                item.add_report_section(
+                    "call", f"gradwatch session {index + 1}", watched.report()
+                )
         raise
 
     factory = item.stash.get(_FACTORY_KEY, None)

@@ -1,7 +1,7 @@
 """Read the alerts of finished runs back from the event files gradwatch wrote.
 
 A session with ``logdir`` writes one event file through one ``SummaryWriter``.
-The file holds the alert list as JSON text (tag ``gradwatch/alerts_json``),
+The file contains the alert list as JSON text (tag ``gradwatch/alerts_json``),
 rewritten whenever the alerts change, and the number of alerts per check as
 scalars (``gradwatch/alerts/<check>``). The last JSON value is the final state.
 Each event file is read as one run, because a directory reused by several
@@ -41,7 +41,7 @@ class Run:
     Attributes:
         path: The event file.
         label: The run's name for display: its directory, plus the file name
-            where a directory holds several gradwatch runs.
+            where a directory contains several gradwatch runs.
         alerts: The last alert list the session wrote.
         counts: The last number of alerts per check, from the scalars.
         last_step: The highest step of any gradwatch record, or None.
@@ -99,7 +99,7 @@ def find_event_files(root: Path) -> list[Path]:
     """Return the TensorBoard event files at or under ``root``, sorted by path.
 
     Raises:
-        RunsError: ``root`` does not exist, cannot be listed, or holds no
+        RunsError: ``root`` does not exist, cannot be listed, or contains no
             event file.
     """
     if not root.exists():
@@ -122,8 +122,9 @@ def find_event_files(root: Path) -> list[Path]:
 def read_run(path: Path) -> Run:
     """Read the gradwatch records of one event file.
 
-    A truncated or damaged file is read up to the damage, and a note says so.
-    ``run.found`` is False when the file holds no gradwatch record.
+    A truncated or damaged file is read up to the damage, with a note in
+    ``run.notes``.
+    ``run.found`` is False when the file contains no gradwatch record.
 
     Raises:
         RunsError: The file cannot be opened.

@@ -107,7 +107,7 @@ def assert_gradients_flow(
 
     ``step_fn(step)`` runs one training step (forward, backward and usually
     ``optimizer.step()``) and gets the step index, 0 to ``steps - 1``. When a
-    call does not step an optimizer that holds the model's parameters, the step
+    call does not step an optimizer of the model's parameters, the step
     is ended explicitly, so every call counts as one step.
 
     Args:

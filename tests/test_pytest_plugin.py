@@ -155,21 +155,21 @@ def test_hooks_removed_after_each_test(pytester):
         """
         from torch.optim import optimizer as optim_module
 
-        kept = {}
+        models = {}
 
         def test_detached(gradwatch):
-            kept["model"] = model = Net("detach")
+            models["detached"] = model = Net("detach")
             gradwatch(model)
             train(model)
 
         def test_raises(gradwatch):
-            kept["other"] = model = Net()
+            models["raising"] = model = Net()
             gradwatch(model)
             train(model, steps=1)
             raise KeyError("boom")
 
         def test_no_hooks_left():
-            for model in kept.values():
+            for model in models.values():
                 assert not model._forward_pre_hooks
                 assert not model._forward_hooks
                 assert not model.fc1._forward_hooks
@@ -180,7 +180,7 @@ def test_hooks_removed_after_each_test(pytester):
     result = run(pytester)
 
     result.assert_outcomes(passed=1, failed=2)
-    result.stdout.fnmatch_lines(["*KeyError: 'boom'", "*gradwatch 0*"])
+    result.stdout.fnmatch_lines(["*KeyError: 'boom'", "*gradwatch session 1*"])
 
 
 def test_exception_keeps_test_error(pytester):
@@ -200,7 +200,7 @@ def test_exception_keeps_test_error(pytester):
     result.stdout.fnmatch_lines(
         [
             "*ValueError: the test's own failure",
-            "*- Captured gradwatch 0 call -*",
+            "*- Captured gradwatch session 1 call -*",
             "*unused_parameter*",
         ]
     )

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Print the alerts that gradwatch wrote to the TensorBoard event files "
             "under RUN_DIR, one table per run, and a count per check. Exit "
             "status: 0 if no run has an alert of the --fail-on severity, 1 if "
-            "one has, 2 if RUN_DIR is missing, unreadable or holds no gradwatch "
+            "one has, 2 if RUN_DIR is missing, unreadable or contains no gradwatch "
             "run."
         ),
     )

@@ -34,7 +34,7 @@ def run_report(
 
     Returns:
         1 if any run has an alert of ``fail_on`` or a more serious severity,
-        2 if ``root`` is missing, unreadable or holds no gradwatch run, else 0.
+        2 if ``root`` is missing, unreadable or contains no gradwatch run, else 0.
     """
     out = out or sys.stdout
     err = err or sys.stderr
