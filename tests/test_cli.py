@@ -358,3 +358,78 @@ def test_python_dash_m_matches_command(runs):
         )
         assert result.returncode == 1, result.stderr
         assert "graph_cut" in result.stdout
+
+
+# The demo
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "train_digits.py"
+
+
+def test_example_script_shares_fault_registry():
+    import importlib.util
+
+    from gradwatch import demo
+
+    spec = importlib.util.spec_from_file_location("train_digits_example", EXAMPLE)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    assert script.FAULTS is demo.FAULTS
+    assert script.main is demo.main
+    assert script.load_data is demo.load_data
+    assert {"none", "detach", "no-grad", "unused", "not-in-optimizer"} <= set(
+        demo.FAULTS
+    )
+
+
+def test_demo_help_says_units(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", "--help"])
+    text = capsys.readouterr().out
+
+    assert exited.value.code == 0
+    assert text.startswith("usage: gradwatch demo ")
+    assert "number of passes over the training data (default: 20)" in text
+    assert "number of samples per optimizer step (default: 64)" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("fault", "status"), [("detach", 1), ("none", 0)])
+def test_demo_run_then_report(tmp_path, capsys, fault, status):
+    logdir = tmp_path / fault
+    demo = subprocess.run(
+        [sys.executable, "-m", "gradwatch", "demo", "--fault", fault]
+        + ["--epochs", "1", "--logdir", str(logdir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert demo.returncode == status, demo.stdout + demo.stderr
+    assert f"fault: {fault}; test accuracy after 1 epochs" in demo.stdout
+
+    code, out, err = report(capsys, logdir)
+
+    assert code == status
+    assert err == ""
+    if fault == "detach":
+        assert "graph_cut" in out
+        assert "unused_parameter" in out
+    else:
+        assert "  no alerts" in out
+
+
+@pytest.mark.slow
+def test_example_script_runs_demo(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--fault", "detach", "--epochs", "1"]
+        + ["--logdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert result.returncode == 1, result.stderr
+    assert "fault: detach; test accuracy after 1 epochs" in result.stdout
+    assert "[error] graph_cut" in result.stdout

@@ -86,9 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _demo(argv: list[str]) -> int:
+    from gradwatch import demo
+
     try:
-        from gradwatch import demo
+        return demo.main(argv, prog="gradwatch demo")
     except ImportError as err:
         sys.stderr.write(f"gradwatch demo: error: {err}\n")
         return 2
-    return demo.main(argv, prog="gradwatch demo")
