@@ -42,6 +42,11 @@ class Options:
     dead_fraction: float = 0.5
     watch_outputs: tuple[str, ...] = ()
     unit_groups: dict[str, str] = dataclasses.field(default_factory=dict)
+    explode_factor: float = 100.0
+    vanish_factor: float = 1e-3
+    norm_window: int = 50
+    update_ratio_bounds: tuple[float, float] | None = None
+    image_every: int = 100
 
     def __post_init__(self) -> None:
         _check_on_alert(self.on_alert)
@@ -57,6 +62,7 @@ class Options:
         _check_bool("activations", self.activations)
         object.__setattr__(self, "watch_outputs", _check_names(self.watch_outputs))
         object.__setattr__(self, "unit_groups", _check_unit_groups(self.unit_groups))
+        _check_numeric_options(self)
         object.__setattr__(self, "ignore", _check_patterns(self.ignore))
         object.__setattr__(self, "checks", _check_checks(self.checks))
         _check_masks(self.masks, self.track_zeros)
@@ -152,6 +158,33 @@ def _check_masks(masks: object, track_zeros: object) -> None:
                 f"got {type(name).__name__} -> {type(mask).__name__}"
             )
             raise ValueError(msg)
+
+
+def _check_numeric_options(options: Options) -> None:
+    factor = options.explode_factor
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or factor <= 1:
+        msg = f"explode_factor must be a number > 1, got {factor!r}"
+        raise ValueError(msg)
+    _check_fraction("vanish_factor", options.vanish_factor)
+    _check_int("norm_window", options.norm_window, minimum=5)
+    _check_int("image_every", options.image_every, minimum=0)
+    _check_update_bounds(options.update_ratio_bounds)
+
+
+def _check_update_bounds(bounds: object) -> None:
+    if bounds is None:
+        return
+    numbers = (
+        isinstance(bounds, tuple | list)
+        and len(bounds) == 2
+        and all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+    )
+    if not numbers or not 0 < bounds[0] < bounds[1]:  # type: ignore[index]
+        msg = (
+            "update_ratio_bounds must be None or a pair (low, high) with "
+            f"0 < low < high, such as (1e-5, 1e-1), got {bounds!r}"
+        )
+        raise ValueError(msg)
 
 
 def _check_patterns(patterns: object) -> tuple[str, ...]:

@@ -26,8 +26,11 @@ from gradwatch.detectors.dead_units import DeadUnitsDetector
 from gradwatch.detectors.disconnect import DisconnectDetector
 from gradwatch.detectors.forward_trace import ForwardTrace
 from gradwatch.detectors.masks import MaskDetector
+from gradwatch.detectors.norms import GradientScaleDetector
+from gradwatch.detectors.numeric import NonFiniteDetector
 from gradwatch.detectors.optimizer import OptimizerDetector
 from gradwatch.detectors.symmetry import SymmetryDetector
+from gradwatch.detectors.updates import UpdateSizeDetector
 from gradwatch.errors import GradwatchError, GradwatchWarning, warning_class_for
 from gradwatch.handles import HookSet
 from gradwatch.params import ParamTable
@@ -65,6 +68,11 @@ def gradwatch(
     dead_fraction: float = 0.5,
     watch_outputs: Sequence[str] = (),
     unit_groups: Mapping[str, str] | None = None,
+    explode_factor: float = 100.0,
+    vanish_factor: float = 1e-3,
+    norm_window: int = 50,
+    update_ratio_bounds: tuple[float, float] | None = None,
+    image_every: int = 100,
 ) -> Session:
     """Watch the gradients of ``model`` while a training loop runs.
 
@@ -116,6 +124,16 @@ def gradwatch(
         unit_groups: Module name (or glob pattern) to unit kind; ``"children"``
             checks the module's children, such as a mixture's experts, as units
             for ``symmetric_units``.
+        explode_factor: ``exploding_gradient`` fires when a weight's gradient
+            norm exceeds this many times its median over ``norm_window`` steps.
+        vanish_factor: ``vanishing_gradient`` fires when a weight's gradient (RMS
+            per element) stays below this fraction of the model's median layer.
+        norm_window: Steps of gradient norm history behind both medians.
+        update_ratio_bounds: ``(low, high)`` bounds of ``||update|| / ||weight||``
+            per step; a parameter outside them for ``patience`` measurements in a
+            row is reported. None (the default) only records the ratio.
+        image_every: Steps between gradient-flow images in TensorBoard; 0
+            writes none.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -142,6 +160,13 @@ def gradwatch(
         if not isinstance(watch_outputs, str)
         else (watch_outputs,),
         unit_groups=dict(unit_groups or {}),
+        explode_factor=explode_factor,
+        vanish_factor=vanish_factor,
+        norm_window=norm_window,
+        update_ratio_bounds=tuple(update_ratio_bounds)
+        if isinstance(update_ratio_bounds, list)
+        else update_ratio_bounds,
+        image_every=image_every,
     )
     return Session(model, options)
 
@@ -194,7 +219,11 @@ class Session:
             DisconnectDetector(options, self._trace),
             OptimizerDetector(options, self._clock),
             self._masks,
+            NonFiniteDetector(options, self._table, self._clock),
+            GradientScaleDetector(options),
         ]
+        updates = UpdateSizeDetector(options, self._table, self._clock)
+        detectors.append(updates)
         units = [
             SymmetryDetector(options),
             DeadUnitsDetector(options),
@@ -206,6 +235,7 @@ class Session:
             for detector in units[:2]:
                 sink.add_figure_source(lambda d=detector: d.figures)
             sink.add_figure_source(self._masks.scalars)
+            sink.add_figure_source(updates.figures)
             detectors.append(sink)
         return detectors
 
@@ -262,8 +292,8 @@ class Session:
         Raises:
             TypeError: ``param`` or ``mask`` is not a tensor (or a name).
             ValueError: ``param`` is not a parameter of the model, ``mask`` does
-                not fit it or holds values other than 0 and 1, or ``mode`` is
-                invalid.
+                not fit it or contains values other than 0 and 1, or ``mode``
+                is invalid.
             RuntimeError: The session has ended.
         """
         if self._closed or self._model is None:

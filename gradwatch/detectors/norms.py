@@ -1,0 +1,245 @@
+"""Exploding and vanishing gradients, judged from per-layer gradient norms.
+
+Checks: ``exploding_gradient``, ``vanishing_gradient``.
+
+Both read the gradient norms that :class:`~gradwatch.stats.GradientNorms`
+copies to the host every step, so they cost a few float operations per
+parameter and no device work. A "layer" here is a weight tensor: a parameter
+with two or more dimensions (Linear, Conv, RNN and attention weights). Biases
+and normalisation gains follow their layer's weight and are left out, and so
+are the weights of ``nn.Embedding`` and ``nn.EmbeddingBag``, whose gradient
+covers only the rows a batch looks up.
+
+- ``exploding_gradient``: a weight's gradient norm exceeds ``explode_factor``
+  (default 100) times the median of its own norms over the last
+  ``norm_window`` steps (default 50; at least 5 steps of history).
+- ``vanishing_gradient``: a weight's gradient, as RMS per element and as the
+  median over the last ``norm_window`` steps, is below ``vanish_factor``
+  (default 1e-3) times the median over the same steps of the model's median
+  layer, for at least ``patience`` steps of history. Comparing each layer with
+  the other layers, not with a fixed number, keeps a healthy deep network quiet
+  while its early layers get gradients ten times smaller than its last ones.
+
+Exact zeros and non-finite norms are not recorded: ``zero_gradient`` and
+``nonfinite_gradient`` report those.
+
+Limitations:
+    Vanishing needs at least three weight tensors to compare. A weight used on
+    a small part of its rows in every batch (a lookup table that is a plain
+    ``nn.Parameter``) has a small RMS gradient and may be reported.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from gradwatch.detectors.base import Detector, StepContext
+
+if TYPE_CHECKING:
+    from gradwatch.config import Options
+    from gradwatch.handles import HookSet
+    from gradwatch.params import ParamInfo
+
+__all__ = ["GradientScaleDetector"]
+
+#: Steps of a weight's own history needed before it can explode.
+MIN_HISTORY = 5
+
+#: Weight tensors needed before one can be compared with the others.
+MIN_LAYERS = 3
+
+_LISTED = 4
+_STATE = "gradient_scale"
+_SPARSE_LOOKUPS = (nn.Embedding, nn.EmbeddingBag)
+
+
+class _History:
+    """A weight's recent gradient norms and RMS values, newest last."""
+
+    def __init__(self, window: int, numel: int) -> None:
+        self.norms: deque[float] = deque(maxlen=window)
+        self.rms: deque[float] = deque(maxlen=window)
+        self.numel = max(numel, 1)
+        self.streak_start: int | None = None
+
+
+class GradientScaleDetector(Detector):
+    """Compare each layer's gradient norm with its history and with the others."""
+
+    def __init__(self, options: Options) -> None:
+        super().__init__(options)
+        self._model: weakref.ref[nn.Module] | None = None
+        self._model_rms: deque[float] = deque(maxlen=options.norm_window)
+        self._vanish_subject: str | None = None
+
+    def attach(self, model: nn.Module, hooks: HookSet) -> None:
+        self._model = weakref.ref(model)
+
+    def analyse(self, ctx: StepContext) -> None:
+        exploding = self.options.enabled("exploding_gradient")
+        vanishing = self.options.enabled("vanishing_gradient")
+        if not (exploding or vanishing):
+            return
+        layers = self._layers(ctx)
+        if not layers:
+            return
+        if exploding:
+            self._check_exploding(ctx, layers)
+        for info, norm in layers:
+            history = self._history(info)
+            history.norms.append(norm)
+            history.rms.append(norm / math.sqrt(history.numel))
+        if vanishing:
+            self._check_vanishing(ctx, layers)
+
+    def close(self) -> None:
+        self._model = None
+
+    # Selection
+
+    def _layers(self, ctx: StepContext) -> list[tuple[ParamInfo, float]]:
+        """Return the judged weights with a finite, nonzero gradient norm."""
+        layers = []
+        for info in ctx.judged:
+            norm = ctx.grad_norms.get(id(info.tensor))
+            if norm is None or norm == 0.0 or not math.isfinite(norm):
+                continue
+            if self._is_layer(info):
+                layers.append((info, norm))
+        return layers
+
+    def _is_layer(self, info: ParamInfo) -> bool:
+        cached = info.state.get(f"{_STATE}.layer")
+        if cached is None:
+            cached = info.tensor.dim() >= 2 and not self._is_lookup(info.module)
+            info.state[f"{_STATE}.layer"] = cached
+        return bool(cached)
+
+    def _is_lookup(self, module_name: str) -> bool:
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return False
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            return False
+        return isinstance(module, _SPARSE_LOOKUPS)
+
+    def _history(self, info: ParamInfo) -> _History:
+        history = info.state.get(_STATE)
+        if not isinstance(history, _History):
+            history = _History(self.options.norm_window, info.tensor.numel())
+            info.state[_STATE] = history
+        return history
+
+    # Exploding
+
+    def _check_exploding(
+        self, ctx: StepContext, layers: list[tuple[ParamInfo, float]]
+    ) -> None:
+        factor = self.options.explode_factor
+        total = math.sqrt(sum(norm * norm for _, norm in layers))
+        for info, norm in layers:
+            history = self._history(info)
+            if len(history.norms) < MIN_HISTORY:
+                continue
+            median = statistics.median(history.norms)
+            if norm > factor * median:
+                self._alert_exploding(
+                    ctx, info, norm, median, len(history.norms), total
+                )
+
+    def _alert_exploding(
+        self,
+        ctx: StepContext,
+        info: ParamInfo,
+        norm: float,
+        median: float,
+        steps: int,
+        total: float,
+    ) -> None:
+        ratio = norm / median
+        ctx.alert(
+            "exploding_gradient",
+            f"Gradient norm of {info.describe()} in module "
+            f"`{info.module or '<root>'}` is {norm:.3g} at step {ctx.step}, "
+            f"{ratio:.0f} times its median of {median:.3g} over the previous "
+            f"{steps} steps (explode_factor {self.options.explode_factor:g}); the "
+            f"norm over all layers is {total:.3g}. Clip gradients with "
+            f"torch.nn.utils.clip_grad_norm_ before optimizer.step(), lower the "
+            f"learning rate, or add warmup; in recurrent nets check the recurrent "
+            f"weights' initialisation.",
+            param=info,
+            data={"norm": norm, "median": median, "ratio": ratio, "global": total},
+        )
+
+    # Vanishing
+
+    def _check_vanishing(
+        self, ctx: StepContext, layers: list[tuple[ParamInfo, float]]
+    ) -> None:
+        if len(layers) < MIN_LAYERS:
+            return
+        rms = [norm / math.sqrt(self._history(info).numel) for info, norm in layers]
+        self._model_rms.append(statistics.median(rms))
+        reference = statistics.median(self._model_rms)
+
+        low: list[tuple[ParamInfo, float]] = []
+        for info, _ in layers:
+            history = self._history(info)
+            ratio = statistics.median(history.rms) / reference
+            if ratio >= self.options.vanish_factor:
+                history.streak_start = None
+                continue
+            if history.streak_start is None:
+                history.streak_start = ctx.step
+            if len(history.rms) >= self.options.patience:
+                low.append((info, ratio))
+        if low:
+            self._alert_vanishing(ctx, low, len(layers), reference)
+
+    def _alert_vanishing(
+        self,
+        ctx: StepContext,
+        low: list[tuple[ParamInfo, float]],
+        count: int,
+        reference: float,
+    ) -> None:
+        # One alert for the whole model, about its weakest layer; while that
+        # layer stays low the alert keeps its subject, so it is updated in place.
+        names = {info.name: (info, ratio) for info, ratio in low}
+        if self._vanish_subject in names:
+            info, ratio = names[self._vanish_subject]
+        else:
+            info, ratio = min(low, key=lambda item: item[1])
+            self._vanish_subject = info.name
+        listed = ", ".join(f"`{i.name}`" for i, _ in low[:_LISTED])
+        if len(low) > _LISTED:
+            listed += f" and {len(low) - _LISTED} more"
+        history = self._history(info)
+        first = history.streak_start if history.streak_start is not None else ctx.step
+        ctx.alert(
+            "vanishing_gradient",
+            f"Gradient of {info.describe()} in module `{info.module or '<root>'}` "
+            f"is {ratio:.1e} times that of the model's median layer (RMS per "
+            f"element, median over the last {len(history.rms)} steps; "
+            f"vanish_factor {self.options.vanish_factor:g}), so it barely learns. "
+            f"{len(low)} of {count} weight tensors are this far below: {listed}. "
+            f"Saturating activations (sigmoid, tanh) in a deep stack or a poor "
+            f"initialisation shrink the gradient layer by layer; use ReLU or GELU "
+            f"with Kaiming initialisation, or add normalisation or residual "
+            f"connections.",
+            param=info,
+            step=first,
+            data={
+                "ratio": ratio,
+                "median_layer_rms": reference,
+                "params": [i.name for i, _ in low],
+            },
+        )
