@@ -4,7 +4,7 @@ Every scenario trains a small network on scikit-learn's digits. Masks that live
 in the training script are published in ``masks`` as they appear and handed to
 ``gw.watch_mask`` before the next step, as a user would. The faulty run must
 raise ``mask_revived`` or ``mask_leak`` (error or warning) on the target
-parameter by ``first_step + 1``; the fixed run must raise no error or warning.
+parameter by ``first_step + 1``. The fixed run must raise no error or warning.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def mask_before_forward_only(healthy: bool) -> Scenario:
     """A SNIP mask re-applied at the start of each step, before forward.
 
     Faulty: optimizer.step() regrows the pruned entries (their gradient is not
-    masked) and the evaluation forward that follows sees them. Fixed: the mask
+    masked) and the evaluation forward that follows reads them. Fixed: the mask
     is also applied right after optimizer.step(); the gradient on masked entries
     is still nonzero, which is expected for a mask enforced by value.
     """
@@ -318,7 +318,7 @@ def test_forward_before_mask_case_judges_the_evaluation_forward():
     assert leak.severity == "info"
 
 
-def test_fixed_forward_before_mask_case_still_leaks_as_info():
+def test_fixed_snip_case_leaks_as_info():
     gw = run("mask_before_forward_only", healthy=True)
     leaks = [a for a in gw.alerts if a.check == "mask_leak"]
 

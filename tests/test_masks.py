@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import torch.nn.utils.prune as prune
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradwatch import gradwatch
 from gradwatch.detectors.masks import MaskDetector
@@ -19,7 +20,7 @@ IN, HIDDEN, OUT = 16, 24, 4
 
 
 class MaskedLinear(nn.Linear):
-    """A linear layer with a ``mask`` buffer, used as ``forward_uses`` says."""
+    """A linear layer with a ``mask`` buffer; ``forward_uses`` selects the weight."""
 
     def __init__(self, keep, forward_uses="masked", zero_data=True):
         super().__init__(keep.shape[1], keep.shape[0])
@@ -95,7 +96,7 @@ def sgd(model, **kwargs):
 
 
 def train_dense(model, optimizer, steps=3):
-    """Train without gradwatch, so that the optimizer holds state."""
+    """Train without gradwatch, so that the optimizer has state."""
     for step in range(steps):
         x, y = batch(50 + step)
         optimizer.zero_grad(set_to_none=True)
@@ -103,7 +104,7 @@ def train_dense(model, optimizer, steps=3):
         optimizer.step()
 
 
-# Mask buffers multiplied in forward (the seed pattern) and their faults
+# Mask buffers multiplied in forward, and their faults
 
 
 def test_mask_buffer_in_forward_is_silent():
@@ -350,6 +351,21 @@ def test_write_after_prune(write_into):
     assert revived.step == 3
     assert revived.data["causes"] == ["direct_write"]
     assert "wrote into `fc1.weight` directly" in revived.message
+
+
+def test_prune_mask_edited_in_place_is_silent():
+    torch.manual_seed(0)
+    model = Net()
+    prune.l1_unstructured(model.fc1, "weight", amount=0.3)
+
+    def before(gw, step):
+        if step == 3:
+            model.fc1.weight_mask[:, : IN // 2] = 0
+
+    gw = fit(model, sgd(model, momentum=0.9), before=before)
+
+    assert loud(gw) == []
+    assert gw._masks.figures["fc1.weight_orig"].sparsity > 0.5
 
 
 def test_iterative_torch_prune_is_silent():
@@ -613,7 +629,7 @@ def test_mask_hooks_are_removed_on_exit():
     prune_hook = next(iter(model.fc2._forward_pre_hooks.values()))
     with gradwatch(model, on_alert="ignore"):
         assert len(mask_hooks(model.fc1)) == 1
-        assert len(mask_hooks(model.fc2)) == 1
+        assert len(mask_hooks(model.fc2)) == 2  # a pre-hook and a forward hook
         first = next(iter(model.fc2._forward_pre_hooks.values()))
         assert type(first.__self__) is MaskDetector  # runs before prune's hook
     assert mask_hooks(model.fc1) == []
@@ -663,3 +679,50 @@ def test_tensorboard_scalars_per_masked_parameter(tmp_path):
     assert "gradwatch/masks/fc1.weight/revived" in tags
     assert sparsity[0].value == pytest.approx((~keep).float().mean().item())
     assert leaking[0].value > 0
+
+
+def test_sparse_gradient_on_masked_rows_leaks():
+    torch.manual_seed(0)
+    model = Bag(sparse=True)
+    optimizer = torch.optim.SparseAdam(list(model.embed.parameters()), lr=1e-2)
+    keep = torch.arange(20).unsqueeze(1) < 10
+    tokens = torch.tensor([[1, 12, 12, 15, 3]] * 4)
+    with gradwatch(model, on_alert="ignore") as gw:
+        gw.watch_mask(model.embed.weight, keep, in_graph=True)
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(tokens), torch.zeros(4, dtype=torch.long)).backward()
+        assert model.embed.weight.grad.is_sparse
+        optimizer.step()
+
+    leak = alert(gw, "mask_leak", "embed.weight")
+    assert leak.severity == "error"
+    assert leak.data["count"] == 2 * 8  # rows 12 and 15, eight dimensions each
+    assert leak.data["masked"] == 10 * 8
+
+
+class HostSyncs(TorchDispatchMode):
+    """Count ops that copy a device value to the host (``.item()``, ``bool()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_forward_sampling_copies_nothing_to_host():
+    torch.manual_seed(0)
+    model = Net(MaskedLinear(random_keep()))
+    prune.l1_unstructured(model.fc2, "weight", amount=0.5)
+    x, _ = batch(0)
+    with gradwatch(model, on_alert="ignore", checks=["mask_leak", "mask_revived"]):
+        with torch.no_grad():
+            model.fc2.weight.mul_(2.0)  # a write, so prune's weight is read too
+        with HostSyncs() as syncs:
+            for _ in range(3):
+                model(x)
+
+    assert syncs.count == 0

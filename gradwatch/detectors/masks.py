@@ -18,9 +18,11 @@ by value (entries re-zeroed after each step, and by default the masks of
 training and in evaluation alike, so re-applying a mask right after
 ``optimizer.step()`` stays silent. The sample is a device-side count, judged at
 the step end with the session's one host transfer. For a pruned module it reads
-the effective tensor in a forward pre-hook that runs before prune's own, so a
-write into that tensor is seen before prune overwrites it; other masks are read
-in a forward hook, after any pre-hook or in-forward code that re-applies them.
+the effective tensor in a forward pre-hook that runs before prune's own, so that
+a write into that tensor is caught before prune overwrites it. That tensor is
+read only if it was written or replaced since the last forward. Other masks are
+read in a forward hook, after any pre-hook or in-forward code that re-applies
+them.
 
 Limitations:
     Masked entries are sampled only when a module that owns the parameter runs
@@ -215,13 +217,14 @@ class MaskDetector(Detector):
                     self._before_forward, prepend=True
                 )
                 hooks.add(handle, ("masks-before", key))
-            if entry.after and ("masks-after", key) not in hooks:
+            if (entry.before or entry.after) and ("masks-after", key) not in hooks:
                 handle = entry.module.register_forward_hook(self._after_forward)
                 hooks.add(handle, ("masks-after", key))
-        for key, entry in self._hooked.items():
-            if not hooked.get(key, _Hooked(entry.module, [], [])).before:
+        for key in self._hooked:
+            kept = hooked.get(key)
+            if kept is None or not kept.before:
                 hooks.discard(("masks-before", key))
-            if not hooked.get(key, _Hooked(entry.module, [], [])).after:
+            if kept is None or not (kept.before or kept.after):
                 hooks.discard(("masks-after", key))
         self._hooked = hooked
 
@@ -247,6 +250,8 @@ class MaskDetector(Detector):
         if entry is not None:
             for watch in entry.after:
                 watch.observe_forward()
+            for watch in entry.before:
+                watch.note_effective()
 
     # Step end
 

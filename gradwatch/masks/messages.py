@@ -37,7 +37,7 @@ _NON_MOVING_STATE = frozenset(
 
 @dataclasses.dataclass
 class Diagnosis:
-    """Why masked entries moved, with the fix of each cause.
+    """The causes of a revival, with the fix of each.
 
     Attributes:
         causes: Short ids: ``"gradient"``, ``"optimizer_state"``,

@@ -92,7 +92,8 @@ def check_mask(mask: object, param: nn.Parameter, name: str) -> torch.Tensor:
 
     Raises:
         TypeError: ``mask`` is not a tensor, or has a complex dtype.
-        ValueError: ``mask`` does not broadcast to ``param`` or holds other values.
+        ValueError: ``mask`` does not broadcast to ``param``, or contains values
+            other than 0 and 1.
     """
     if not isinstance(mask, torch.Tensor):
         msg = (
@@ -119,7 +120,7 @@ def check_mask(mask: object, param: nn.Parameter, name: str) -> torch.Tensor:
 
 
 def is_binary(mask: torch.Tensor) -> bool:
-    """Return whether ``mask`` is bool or holds only 0 and 1 (one host transfer)."""
+    """Return whether ``mask`` is bool or contains only 0 and 1 (a host transfer)."""
     if mask.dtype == torch.bool:
         return True
     if mask.numel() == 0:

@@ -144,13 +144,14 @@ class MaskWatch:
     unusable: str | None = None
     _cache: tuple[torch.Tensor, int | None, torch.Tensor, torch.Tensor] | None = None
     _last_masked: torch.Tensor | None = None
+    _effective: tuple[torch.Tensor, int | None] | None = None
 
     @property
     def checks_forward_values(self) -> bool:
         """Whether a forward with broken masked entries is reported.
 
         For a mask buffer multiplied in forward, the raw weight's masked entries
-        may hold anything, because the forward never sees them. They count only
+        may hold anything, because the forward never reads them. They count only
         once a leaking gradient shows that the forward bypasses the mask, and
         only if a forward saw them all zero before: otherwise they never were
         masked, and ``mask_leak`` has said so.
@@ -199,10 +200,21 @@ class MaskWatch:
             self.reference = torch.where(newly, current, self.reference)
         self._last_masked = masked
 
+    def note_effective(self) -> None:
+        """Remember the effective tensor a pruned module's forward just used.
+
+        torch.nn.utils.prune computes it before each forward. If the same tensor,
+        unwritten, is still there at the next forward, it needs no check: its
+        masked entries are those of the mask it was computed with, even if the
+        mask buffer was edited in place since.
+        """
+        target = self.read_target()
+        self._effective = None if target is None else (target, _version(target))
+
     def observe_forward(self) -> None:
         """Queue the count of broken masked entries as the module runs forward."""
         target = self.read_target()
-        if target is None:
+        if target is None or self._unwritten(target):
             return
         found = self.masked(target)
         if found is None:
@@ -212,6 +224,12 @@ class MaskWatch:
             count if self.revived is None else torch.maximum(self.revived, count)
         )
         self.forwards += 1
+
+    def _unwritten(self, target: torch.Tensor) -> bool:
+        if self._effective is None:
+            return False
+        tensor, version = self._effective
+        return tensor is target and version is not None and _version(target) == version
 
     def take_revived(self) -> torch.Tensor | None:
         """Return this step's count of broken entries and start a new step."""
