@@ -16,6 +16,9 @@ Tags, all under ``gradwatch/``:
 ``fraction``                        (scalar, on unit check steps)
 ==================================  ===============================================
 
+:mod:`gradwatch.sinks.dashboard` adds the custom-scalars layout and the
+gradient-flow image; ``docs/dashboard.md`` lists every tag.
+
 Scalars are written every ``log_every`` steps, histograms every
 ``histogram_every`` steps (0 switches them off), the alert table whenever the
 alerts change. A failure to write (a full disk, a directory made read-only) is
@@ -36,6 +39,7 @@ import torch
 
 from gradwatch.alerts import CHECKS, AlertBook
 from gradwatch.detectors.base import Detector, StepContext
+from gradwatch.sinks.dashboard import Dashboard, alerts_markdown
 from gradwatch.transfer import Pending
 
 if TYPE_CHECKING:
@@ -99,6 +103,11 @@ class TensorBoardSink(Detector):
         self._alert_count = 0
         self._last_step = 0
         self._figure_sources: list[Callable[[], dict[str, float]]] = []
+        self._dashboard = Dashboard(options)
+
+    def attach(self, model: torch.nn.Module, hooks: Any) -> None:
+        """Write the dashboard layout, before any step or alert."""
+        self._write(self._dashboard.write_layout, self._writer, model)
 
     def add_figure_source(self, source: Callable[[], dict[str, float]]) -> None:
         """Write the scalars ``source()`` returns (tag to value) after each step.
@@ -136,6 +145,7 @@ class TensorBoardSink(Detector):
             self._write(self._write_histograms, ctx.step, histograms)
         for source in self._figure_sources:
             self._write(self._write_figures, ctx.step, source())
+        self._write(self._dashboard.record, self._writer, ctx)
         if len(self._alerts) != self._alert_count:
             self._alert_count = len(self._alerts)
             self._write(self._scalars_alerts, ctx.step)
@@ -210,17 +220,8 @@ class TensorBoardSink(Detector):
             )
 
     def _text(self, step: int) -> None:
-        rows = [
-            "| step | severity | check | where | message |",
-            "|---|---|---|---|---|",
-        ]
-        for alert in self._alerts.as_list():
-            message = alert.message.replace("|", "\\|")
-            rows.append(
-                f"| {alert.step} | {alert.severity} | {alert.check} "
-                f"| `{alert.subject}` | {message} |"
-            )
-        self._writer.add_text("gradwatch/alerts", "\n".join(rows), step)
+        table = alerts_markdown(self._alerts.as_list(), step)
+        self._writer.add_text("gradwatch/alerts", table, step)
         records = [dataclasses.asdict(alert) for alert in self._alerts.as_list()]
         self._writer.add_text(
             "gradwatch/alerts_json", json.dumps(records, default=str), step
