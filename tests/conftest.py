@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.nn.modules.module as module_hooks
 import torch.optim.optimizer as optimizer_hooks
+
+# The test models are tiny: one intra-op thread runs them fastest and keeps
+# parallel test processes from oversubscribing the cores.
+torch.set_num_threads(1)
 
 _GLOBAL_HOOK_DICTS = {
     "optimizer step pre-hooks": optimizer_hooks._global_optimizer_pre_hooks,
