@@ -77,8 +77,9 @@ class Alert:
 class AlertBook:
     """The alerts of one session, one per ``(check, subject)``.
 
-    :meth:`record` returns True only for a new alert; a repeat of a known finding
-    updates its ``last_step``, ``count`` and figures in place of a new entry.
+    :meth:`record` returns True for a new alert, and for a known one whose
+    severity rises (an info that turns into an error takes the new message); any
+    other repeat only updates ``last_step``, ``count`` and the figures.
     """
 
     def __init__(self) -> None:
@@ -91,13 +92,16 @@ class AlertBook:
             self._alerts[key] = alert
             return True
 
+        escalates = SEVERITIES.index(alert.severity) < SEVERITIES.index(known.severity)
         self._alerts[key] = dataclasses.replace(
             known,
+            severity=alert.severity if escalates else known.severity,
+            message=alert.message if escalates else known.message,
             last_step=max(known.last_step, alert.last_step),
             count=known.count + 1,
             data={**known.data, **alert.data},
         )
-        return False
+        return escalates
 
     def get(self, check: str, param: str | None = None, module: str | None = None):
         """Return the alert of ``check`` about ``param``/``module``, or None."""

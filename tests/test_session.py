@@ -367,3 +367,21 @@ def test_training_is_bitwise_identical():
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q), name
     assert torch.equal(torch.get_rng_state(), twin_rng)
+
+
+def test_alert_book_escalates_severity():
+    from gradwatch.alerts import AlertBook
+
+    book = AlertBook()
+    info = Alert("mask_leak", "info", 2, "w", "m", "expected leak")
+    error = Alert("mask_leak", "error", 5, "w", "m", "leak at a forward")
+
+    assert book.record(info) is True
+    assert book.record(error) is True
+    assert book.record(info) is False
+    (stored,) = book.as_list()
+    assert stored.severity == "error"
+    assert stored.message == "leak at a forward"
+    assert stored.step == 2
+    assert stored.last_step == 5
+    assert stored.count == 3
