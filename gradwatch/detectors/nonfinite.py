@@ -7,10 +7,11 @@ Two sources, from cheap to precise:
   only). On a step with non-finite gradients, the non-finite parameter that comes
   first in that order names the module where NaN or Inf entered the backward.
 - :class:`GradientProbe` is armed for the step after a non-finite one, when the
-  weights are still finite. Tensor hooks on every module's inputs and outputs and
-  on every parameter record, in firing order, whether each gradient is finite,
-  which also finds NaN made by parameterless code (``torch.where``, ``log``,
-  division) between modules.
+  weights are still finite. Module forward hooks record which module's output
+  first turns non-finite in forward; tensor hooks on every module's inputs and
+  outputs and on every parameter record, in firing order, whether each
+  gradient is finite. Together they also find NaN made by parameterless code
+  (``torch.where``, ``log``, division) between modules.
 
 Neither runs ``torch.autograd.detect_anomaly``, which re-checks every backward
 op and costs a multiple of a step.
@@ -42,7 +43,9 @@ class Origin:
 
     Attributes:
         module: Qualified name of the module to report (``""`` is the root).
-        kind: ``"param"``: the gradient of ``tensor``, a parameter of ``module``;
+        kind: ``"forward"``: the output of ``module`` is already non-finite in
+            forward, while the outputs of the modules that ran before it are not;
+            ``"param"``: the gradient of ``tensor``, a parameter of ``module``;
             ``"input"``: the gradient of an input of ``module``, so the NaN is made
             inside its forward; ``"output"``: the gradient of the output of
             ``tensor``'s module, made by the code that consumes that output
@@ -132,6 +135,7 @@ class _Tensor:
     producers: list[str] = dataclasses.field(default_factory=list)
     consumers: list[str] = dataclasses.field(default_factory=list)
     param: str | None = None
+    forward: str | None = None
 
 
 class GradientProbe:
@@ -231,8 +235,16 @@ class GradientProbe:
         if not self._enabled or not torch.is_grad_enabled():
             return
         name = self._names.get(id(module))
-        for tensor in iter_tensors(output):
-            if tensor.requires_grad and name is not None:
+        if name is None:
+            return
+        floats = [t for t in iter_tensors(output) if t.is_floating_point()]
+        if floats:
+            with torch.no_grad():
+                flags = [~torch.isfinite(t).all() for t in floats]
+                flag = torch.stack([f.to(flags[0].device) for f in flags]).any()
+            self._events.append((_Tensor(forward=name), flag))
+        for tensor in floats:
+            if tensor.requires_grad:
                 self._watch(tensor).producers.append(name)
 
     def _watch(self, tensor: torch.Tensor) -> _Tensor:
@@ -260,6 +272,8 @@ class GradientProbe:
 
 
 def _origin_of(record: _Tensor) -> Origin:
+    if record.forward is not None:
+        return Origin(record.forward, "forward", record.forward, "gradient probe")
     if record.param is not None:
         module = record.param.rpartition(".")[0]
         return Origin(module, "param", record.param, "gradient probe")

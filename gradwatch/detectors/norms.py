@@ -201,6 +201,12 @@ class GradientScaleDetector(Detector):
                 history.streak_start = ctx.step
             if len(history.rms) >= self.options.patience:
                 low.append((info, ratio))
+        present = {info.name for info, _ in layers}
+        if self._vanish_subject not in present:
+            # Its gradient became exactly zero (underflow): it did not recover.
+            low += [
+                (info, 0.0) for info in ctx.judged if info.name == self._vanish_subject
+            ]
         if low:
             self._alert_vanishing(ctx, low, len(layers), reference)
 
@@ -219,6 +225,7 @@ class GradientScaleDetector(Detector):
         else:
             info, ratio = min(low, key=lambda item: item[1])
             self._vanish_subject = info.name
+        low = [item for item in low if item[1] > 0.0] or low
         listed = ", ".join(f"`{i.name}`" for i, _ in low[:_LISTED])
         if len(low) > _LISTED:
             listed += f" and {len(low) - _LISTED} more"

@@ -150,7 +150,12 @@ class NonFiniteDetector(Detector):
         """True if the step's gradients are those of an iteration a scaler skipped."""
         if ctx.optimizer is not None:
             return False
-        return any(r.found_inf or r.skipped for r in reports)
+        if any(r.found_inf or r.skipped for r in reports):
+            return True
+        # NOTE: a scaler that skipped every step so far, with update() called
+        # after each skip, cannot be linked to the model's optimizer; any such
+        # scaler alive in the process is taken to be the one in use.
+        return not reports and self._scalers.unbound_in_use
 
     def _report_skips(self, ctx: StepContext, reports: list[ScalerReport]) -> None:
         skipped = sum(r.total_skipped for r in reports)
@@ -334,6 +339,12 @@ def _origin_text(origin: Origin, first: ParamInfo) -> str:
             f"In backward order the first of them is {first.describe()}, so the "
             f"NaN or Inf enters the backward in module {module} or in the code "
             f"that consumes its output."
+        )
+    if origin.kind == "forward":
+        return (
+            f"Hooks on the next step found the forward output of module {module} "
+            f"to be the first non-finite one: the op that makes it is inside its "
+            f"forward, and the gradients inherit it."
         )
     if origin.kind == "param":
         return (

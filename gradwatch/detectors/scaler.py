@@ -65,6 +65,14 @@ class ScalerWatch:
         self._tracked: dict[int, _Tracked] = {}
         self._searches = 0
 
+    @property
+    def unbound_in_use(self) -> bool:
+        """True if a used, enabled GradScaler not linked to the model is alive."""
+        return any(
+            _is_used(ref()) and id(ref()) not in self._tracked
+            for ref in self._candidates
+        )
+
     def search(self) -> None:
         """Find the live GradScalers; walks the garbage collector's objects."""
         self._searches += 1

@@ -61,7 +61,6 @@ class UpdateSizeDetector(Detector):
         self._step = step
         self._before = None
         self._pending = None
-        self.ratios = {}
 
     def close(self) -> None:
         self._before = None
@@ -90,6 +89,7 @@ class UpdateSizeDetector(Detector):
         self._before = (id(optimizer), infos, copies)
 
     def collect(self, ctx: StepContext) -> None:
+        self.ratios = {}
         before, self._before = self._before, None
         if before is None or ctx.optimizer is None or before[0] != id(ctx.optimizer):
             return
