@@ -155,6 +155,7 @@ class TensorBoardSink(Detector):
         """Write the final state of the alerts, then flush and close the writer."""
         if self._writer is None:
             return
+        self._write(self._scalars_alerts, self._last_step)
         if len(self._alerts):
             self._write(self._text, self._last_step)
         writer, self._writer = self._writer, None
