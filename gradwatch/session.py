@@ -226,7 +226,7 @@ class Session:
         detectors.append(updates)
         units = [
             SymmetryDetector(options),
-            DeadUnitsDetector(options),
+            DeadUnitsDetector(options, self._clock),
             CollapseDetector(options),
         ]
         detectors.extend(units)

@@ -7,10 +7,10 @@ On check steps, a forward hook on the model and on each module named in
 ``(batch, features)``, to two figures computed on the device:
 
 - spread: the root of the summed per-feature variance across the batch of the
-  L2-normalised outputs, ``sqrt(1 - ||mean of unit rows||**2)``, about 1 for
-  outputs in independent directions and 0 when every sample points the same way
-  (scale-free, so a large shared offset with little variation counts as
-  collapse);
+  L2-normalised outputs, ``sqrt(1 - ||mean of unit rows||**2)``. It is about 1
+  for outputs in independent directions and 0 when every sample points the same
+  way. It ignores scale, so a large shared offset with little variation counts
+  as collapse;
 - participation ratio: ``trace(G)**2 / ||G||_F**2`` for the centred batch Gram
   matrix ``G``, an effective rank between 1 and ``min(features, batch - 1)``
   that needs no eigendecomposition.
@@ -157,7 +157,8 @@ class CollapseDetector(Detector):
     def collect(self, ctx: StepContext) -> None:
         self._pending = []
         for name, calls in self._calls.items():
-            # The most diverse call of the step speaks for the module.
+            # Take the maximum over the step's calls, so that the module counts as
+            # collapsed only when every call was.
             figures = torch.stack(calls).amax(dim=0)
             self._pending.append((name, ctx.batch.add(figures)))
         self._calls = {}
@@ -181,9 +182,9 @@ class CollapseDetector(Detector):
                 self._alert(ctx, name, history, spread, ratio, width)
 
     def _alert(self, ctx, name, history, spread, ratio, width) -> None:
-        where = f"`{name}`" if name else "the model's output"
+        subject = f"The output of `{name}`" if name else "The model's output"
         message = (
-            f"Output of {where} is nearly the same for every sample of the batch "
+            f"{subject} is nearly the same for every sample of the batch "
             f"at {history.streak} checks in a row from step {history.since} to "
             f"{ctx.step}: spread across the batch {spread:.3g} (earlier "
             f"{history.best_spread:.3g}), effective rank {ratio:.3g} of {width:.0f} "

@@ -17,13 +17,14 @@ activation is reported.
 
 Limitations:
     The unit axis of an activation's output comes from the layer that produced
-    its input (last axis after Linear and LayerNorm, axis 1 after conv and batch
-    norm); when no hooked layer produced it, 2-D and 4-D or wider outputs use
-    axis 1 and 3-D outputs the last axis, which is wrong for a Conv1d feature map
-    that reaches the activation through a functional op. Functional activations
-    (``F.relu``) are seen only through the gradient signal. Rows whose weights
-    are all zero are taken for pruned and not counted. Activation hooks run only
-    on check steps; each call then costs two reductions over the output.
+    its input: the last axis after Linear and LayerNorm, axis 1 after conv and
+    batch norm. When no hooked layer produced it, 2-D and 4-D or wider outputs
+    use axis 1 and 3-D outputs the last axis. That guess is wrong for a Conv1d
+    feature map that reaches the activation through a functional op.
+    Functional activations (``F.relu``) are seen only through the gradient
+    signal. Rows whose weights are all zero before the optimizer step are taken
+    for pruned and not counted. Activation hooks run only on check steps, where
+    each call costs two reductions over the output.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from gradwatch.handles import HookSet
 from gradwatch.transfer import Pending
 
 if TYPE_CHECKING:
+    from gradwatch.clock import StepClock
     from gradwatch.config import Options
 
 __all__ = ["DeadUnitsDetector"]
@@ -61,6 +63,7 @@ _ACTIVATIONS = (
     nn.Mish,
     nn.Threshold,
 )
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LAST_AXIS = (nn.Linear, nn.LayerNorm, nn.RMSNorm)
 _AXIS_ONE = (
     nn.Conv1d,
@@ -73,7 +76,7 @@ _AXIS_ONE = (
 
 
 class _Probe:
-    """What an activation module output during one check step."""
+    """Per-unit flags of one activation module, over the calls of one check step."""
 
     def __init__(self, constant: torch.Tensor, zero: torch.Tensor, after: str | None):
         self.constant = constant
@@ -84,8 +87,11 @@ class _Probe:
 class DeadUnitsDetector(Detector):
     """Report layers where a large fraction of the units is dead."""
 
-    def __init__(self, options: Options) -> None:
+    def __init__(self, options: Options, clock: StepClock | None = None) -> None:
         super().__init__(options)
+        self._clock = clock
+        self._step = 0
+        self._weighted: dict[str, torch.Tensor] = {}
         self._model: weakref.ref[nn.Module] | None = None
         self._hooks = HookSet()
         self._producers: dict[int, tuple[Any, str, int]] = {}
@@ -98,8 +104,26 @@ class DeadUnitsDetector(Detector):
     def attach(self, model: nn.Module, hooks: HookSet) -> None:
         self._model = weakref.ref(model)
         hooks.add(_Remover(self))
+        if self._clock is not None:
+            self._clock.on_before_step(self._before_optimizer_step)
+
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Record which rows have nonzero weights as the forward saw them.
+
+        A pruning mask applied after ``optimizer.step()`` zeroes rows again that
+        momentum moved; judged after the step, those rows would look alive.
+        """
+        model = self._model() if self._model is not None else None
+        if model is None or not is_check_step(self._step, self.options.symmetry_every):
+            return
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if isinstance(module, _LAYERS):
+                    self._weighted[name] = _nonzero_rows(module)
 
     def begin_step(self, step: int) -> None:
+        self._step = step
+        self._weighted = {}
         self._producers = {}
         self._probes = {}
         check = is_check_step(step, self.options.symmetry_every)
@@ -177,6 +201,21 @@ class DeadUnitsDetector(Detector):
 
     # Analysis
 
+    def _zero_gradient_rows(self, layout: UnitLayout) -> torch.Tensor | None:
+        """Flag rows with an exactly zero gradient and weights that are not zero."""
+        grads = layout.matrices(grads=True)
+        if grads is None:
+            return None
+        moving = torch.stack([(g != 0).any(dim=1) for g in grads]).any(dim=0)
+        weighted = self._weighted.get(layout.module)
+        if weighted is None or weighted.shape != moving.shape:
+            model = self._model() if self._model is not None else None
+            module = model.get_submodule(layout.module) if model else None
+            if module is None:
+                return None
+            weighted = _nonzero_rows(module)
+        return ~moving & weighted
+
     def collect(self, ctx: StepContext) -> None:
         self._pending = []
         if not is_check_step(ctx.step, self.options.symmetry_every):
@@ -205,7 +244,7 @@ class DeadUnitsDetector(Detector):
                     id(i.tensor) in judged and ctx.arrived(i) for i in layout.params
                 ):
                     continue
-                dead = _zero_gradient_rows(layout)
+                dead = self._zero_gradient_rows(layout)
                 if dead is not None:
                     counts = self._advance(("grad", layout.module, layout.count), dead)
                     self._pending.append(("grad", layout, ctx.batch.add(counts)))
@@ -312,14 +351,11 @@ _CAUSES = (
 )
 
 
-def _zero_gradient_rows(layout: UnitLayout) -> torch.Tensor | None:
-    grads = layout.matrices(grads=True)
-    weights = layout.matrices(grads=False)
-    if grads is None or weights is None:
-        return None
-    moving = sum((g != 0).any(dim=1).int() for g in grads)
-    weighted = sum((w != 0).any(dim=1).int() for w in weights)
-    return (moving == 0) & (weighted > 0)  # type: ignore[operator]
+def _nonzero_rows(module: nn.Module) -> torch.Tensor:
+    weighted = (module.weight.detach().flatten(1) != 0).any(dim=1)
+    if module.bias is not None:
+        weighted = weighted | (module.bias.detach() != 0)
+    return weighted
 
 
 class _Remover:
