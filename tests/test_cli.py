@@ -105,7 +105,7 @@ def test_clean_run_exits_0(runs, capsys):
     assert code == 0
     assert err == ""
     assert out.splitlines() == [
-        f"run {runs / 'clean'} (last gradwatch record at step 10)",
+        f"run {runs / 'clean'} (last gradwatch record at step 11)",
         "  no alerts",
         "",
         "1 run(s), 0 alert(s) listed; no run has alerts of severity error.",
@@ -127,7 +127,7 @@ def test_several_runs_reported_one_by_one(runs, capsys):
     assert code == 1
     headers = [line for line in out.splitlines() if line.startswith("run ")]
     assert headers == [
-        f"run {runs / 'clean'} (last gradwatch record at step 10)",
+        f"run {runs / 'clean'} (last gradwatch record at step 11)",
         f"run {runs / 'detach'} (last gradwatch record at step 11)",
         f"run {runs / 'zero-gate'} (last gradwatch record at step 11)",
     ]
@@ -174,7 +174,7 @@ def test_other_event_files_skipped(tmp_path, capsys):
 
     assert code == 0
     headers = [line for line in out.splitlines() if line.startswith("run ")]
-    assert headers == [f"run {tmp_path / 'run'} (last gradwatch record at step 10)"]
+    assert headers == [f"run {tmp_path / 'run'} (last gradwatch record at step 11)"]
 
 
 # JSON
