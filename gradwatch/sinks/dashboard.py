@@ -138,6 +138,7 @@ class Dashboard:
         self._steps: list[int] = []
         self._columns: list[dict[str, float]] = []
         self._stride = 1
+        self._imaged_step: int | None = None
 
     def write_layout(self, writer: Any, model: nn.Module) -> None:
         """Write the custom-scalars layout; call once, before the first step."""
@@ -153,6 +154,12 @@ class Dashboard:
             self._add_column(ctx)
         if self._steps and (ctx.step % every == 0 or ctx.final):
             self.write_image(writer, ctx.step)
+
+    def finish(self, writer: Any, step: int) -> None:
+        """Write the image once more if columns were recorded since the last one."""
+        due = self._steps and self._steps[-1] != self._imaged_step
+        if self.options.image_every and due:
+            self.write_image(writer, step)
 
     def _add_column(self, ctx: StepContext) -> None:
         column = {}
@@ -176,6 +183,7 @@ class Dashboard:
         names = list(self._rows)
         norms = [[column.get(name) for column in self._columns] for name in names]
         image = render_flow(names, self._steps, norms)
+        self._imaged_step = self._steps[-1] if self._steps else None
         writer.add_image(FLOW_IMAGE_TAG, image, step, dataformats="HWC")
         rows = "\n".join(f"| {i} | `{name}` |" for i, name in enumerate(names))
         legend = (

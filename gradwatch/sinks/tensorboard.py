@@ -158,6 +158,7 @@ class TensorBoardSink(Detector):
         self._write(self._scalars_alerts, self._last_step)
         if len(self._alerts):
             self._write(self._text, self._last_step)
+        self._write(self._dashboard.finish, self._writer, self._last_step)
         writer, self._writer = self._writer, None
         try:
             writer.flush()
