@@ -13,10 +13,11 @@ covers only the rows a batch looks up.
 - ``exploding_gradient``: a weight's gradient norm exceeds ``explode_factor``
   (default 100) times the median of its own norms over the last
   ``norm_window`` steps (default 50; at least 5 steps of history).
-- ``vanishing_gradient``: a weight's gradient, as RMS per element and as the
-  median over the last ``norm_window`` steps, is below ``vanish_factor``
-  (default 1e-3) times the median over the same steps of the model's median
-  layer, for at least ``patience`` steps of history. Comparing each layer with
+- ``vanishing_gradient``: a weight's RMS gradient per element is taken as its
+  median over the last ``norm_window`` steps. The check fires when that is
+  below ``vanish_factor`` (default 1e-3) times the model's median layer, also
+  taken as a median over those steps, with at least ``patience`` steps of
+  history. Comparing each layer with
   the other layers, not with a fixed number, keeps a healthy deep network quiet
   while its early layers get gradients ten times smaller than its last ones.
 
@@ -217,8 +218,8 @@ class GradientScaleDetector(Detector):
         count: int,
         reference: float,
     ) -> None:
-        # One alert for the whole model, about its weakest layer; while that
-        # layer stays low the alert keeps its subject, so it is updated in place.
+        # One alert for the whole model names its weakest layer. The subject stays
+        # while that layer stays low, so later steps update the same alert.
         names = {info.name: (info, ratio) for info, ratio in low}
         if self._vanish_subject in names:
             info, ratio = names[self._vanish_subject]

@@ -3,9 +3,9 @@
 Check: ``nonfinite_gradient``.
 
 The per-parameter gradient norms that :class:`~gradwatch.stats.GradientNorms`
-already reduces and copies to the host every step hold the answer: a norm is
-NaN or Inf when the gradient is (or when huge finite values overflow the sum of
-squares). Only on such a step does the detector pay for more: one
+already reduces and copies to the host every step show the fault: a norm is
+NaN or Inf when the gradient is, and also when huge finite values overflow the
+sum of squares. Only on such a step does the detector pay for more: one
 ``isnan``/``isinf`` check of the flagged gradients, which tells overflow of the
 norm from a real NaN or Inf, and the location of the origin.
 
@@ -152,9 +152,9 @@ class NonFiniteDetector(Detector):
             return False
         if any(r.found_inf or r.skipped for r in reports):
             return True
-        # NOTE: a scaler that skipped every step so far, with update() called
-        # after each skip, cannot be linked to the model's optimizer; any such
-        # scaler alive in the process is taken to be the one in use.
+        # NOTE: a scaler that skipped every step so far, with update() after each
+        # skip, cannot be linked to the model's optimizer. Any such scaler alive
+        # in the process is taken to be the one in use.
         return not reports and self._scalers.unbound_in_use
 
     def _report_skips(self, ctx: StepContext, reports: list[ScalerReport]) -> None:
@@ -295,7 +295,12 @@ def _nonfinite_kinds(grads: list[torch.Tensor | None]) -> list[str]:
             kinds.append("")
             continue
         has_nan, has_inf = next(found)
-        kinds.append("NaN" if has_nan else "Inf" if has_inf else "")
+        if has_nan:
+            kinds.append("NaN")
+        elif has_inf:
+            kinds.append("Inf")
+        else:
+            kinds.append("")
     return kinds
 
 

@@ -1,8 +1,8 @@
 """Update size: ||w_after - w_before|| / ||w_before|| of each parameter per step.
 
 Healthy training with SGD or Adam usually moves each weight by about 1e-3 of
-its norm per step; far larger updates make training unstable, far smaller ones
-mean the layer hardly learns. The ratio is computed on the ``log_every``
+its norm per step. Far larger updates make training unstable, and far smaller
+ones mean the layer hardly learns. The ratio is computed on the ``log_every``
 schedule only: before such a step the optimizer's parameters are copied with
 one ``torch._foreach_mul`` (one extra copy of those weights until the step
 ends), and after it the differences and norms are reduced with foreach ops

@@ -164,9 +164,11 @@ class Dashboard:
     def _add_column(self, ctx: StepContext) -> None:
         column = {}
         for info in ctx.judged:
+            # Every trainable parameter gets a row: one without a gradient shows
+            # as a grey row, which is how a disconnected layer looks.
+            self._rows.setdefault(info.name, len(self._rows))
             norm = ctx.grad_norms.get(id(info.tensor))
             if norm is not None:
-                self._rows.setdefault(info.name, len(self._rows))
                 column[info.name] = norm
         if self._steps and self._steps[-1] == ctx.step:
             self._columns[-1] = column

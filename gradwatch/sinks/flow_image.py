@@ -29,6 +29,7 @@ _TARGET_WIDTH = 720
 _TARGET_HEIGHT = 420
 _TEXT_HEIGHT = 12
 _LABEL_CHARS = 32
+_TITLE = "gradient norm per parameter, log10 colour scale, rows in model order"
 
 
 def render_flow(
@@ -57,18 +58,13 @@ def render_flow(
     font = ImageFont.load_default()
     label_w = 6 * min(_LABEL_CHARS, max((len(n) for n in names), default=1)) + 8
     top, left = 2 * _TEXT_HEIGHT + 6, label_w
-    width = left + cells.shape[1] + 70
+    width = max(left + cells.shape[1] + 70, len(_TITLE) * 6 + 10)
     height = top + cells.shape[0] + 3 * _TEXT_HEIGHT + 8
     image = Image.new("RGB", (width, height), _BACKGROUND)
     image.paste(Image.fromarray(cells, "RGB"), (left, top))
     draw = ImageDraw.Draw(image)
 
-    draw.text(
-        (left, 2),
-        "gradient norm per parameter (log10 colour scale), rows in model order",
-        fill=_INK,
-        font=font,
-    )
+    draw.text((4, 2), _TITLE, fill=_INK, font=font)
     _draw_row_labels(draw, font, names, top, left, cell_h)
     _draw_step_axis(draw, font, steps, left, top + cells.shape[0] + 2, cell_w)
     _draw_colour_bar(draw, left + cells.shape[1] + 10, top, cells.shape[0], low, high)
