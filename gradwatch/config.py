@@ -36,7 +36,7 @@ class Options:
     histogram_every: int = 100
     masks: tuple[tuple[str, Any], ...] = ()
     track_zeros: bool = False
-    symmetry_every: int = 25
+    symmetry_every: int = 100
     symmetry_tol: float = 1e-4
     activations: bool = True
     dead_fraction: float = 0.5

@@ -62,7 +62,7 @@ def gradwatch(
     graph_walk_steps: int = 2,
     log_every: int = 10,
     histogram_every: int = 100,
-    symmetry_every: int = 25,
+    symmetry_every: int = 100,
     symmetry_tol: float = 1e-4,
     activations: bool = True,
     dead_fraction: float = 0.5,
