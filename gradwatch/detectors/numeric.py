@@ -120,16 +120,10 @@ class NonFiniteDetector(Detector):
         self._report_skips(ctx, reports)
 
         weights_before = self._suspect_weights
-        self._suspect_weights = [
-            info
-            for info in ctx.judged
-            if not math.isfinite(ctx.param_norms.get(id(info.tensor), 0.0))
-        ]
-        flagged = [
-            info
-            for info in ctx.judged
-            if not math.isfinite(ctx.grad_norms.get(id(info.tensor), 0.0))
-        ]
+        self._suspect_weights = _nonfinite_norms(ctx.judged, ctx.param_norms)
+        flagged = _nonfinite_norms(ctx.judged, ctx.grad_norms)
+        if not flagged:
+            return
         kinds = _nonfinite_kinds([info.tensor.grad for info in flagged])
         bad = [(info, kind) for info, kind in zip(flagged, kinds, strict=True) if kind]
         if not bad:
@@ -272,6 +266,15 @@ class _Closer:
         detector = self._detector()
         if detector is not None:
             detector.close()
+
+
+def _nonfinite_norms(infos: list[ParamInfo], norms: dict[int, float]) -> list:
+    """Return the members of ``infos`` whose norm in ``norms`` is NaN or Inf."""
+    if all(map(math.isfinite, norms.values())):
+        return []
+    return [
+        info for info in infos if not math.isfinite(norms.get(id(info.tensor), 0.0))
+    ]
 
 
 def _nonfinite_kinds(grads: list[torch.Tensor | None]) -> list[str]:
