@@ -123,7 +123,7 @@ class WhereNet(nn.Module):
         return torch.where(s > 0, torch.sqrt(s), torch.zeros_like(s))
 
 
-def test_where_nan_located_at_head_output_by_probe():
+def test_where_nan_probe_names_head():
     torch.manual_seed(0)
     model = WhereNet()
     with gradwatch(model, on_alert="ignore") as gw:
@@ -174,7 +174,7 @@ def test_exp_overflow_reported_as_inf():
     assert "energy.proj.weight" in alert.data["params"]
 
 
-def test_exp_overflow_in_forward_located_by_probe():
+def test_exp_overflow_probe_finds_forward():
     torch.manual_seed(0)
     model = ExpNet()
     with torch.no_grad():
@@ -202,7 +202,7 @@ def test_nonfinite_raises_under_raise_policy():
             optimizer.step()
 
 
-def test_finite_gradient_with_overflowing_norm_is_not_nonfinite():
+def test_overflowing_norm_not_nonfinite():
     model = nn.Linear(4, 4, bias=False).half()
     x = torch.full((1, 4), 240.0, dtype=torch.float16)
     with gradwatch(model, on_alert="ignore") as gw:
@@ -421,7 +421,7 @@ def test_small_transformer_stays_silent():
     assert numeric_alerts(gw) == []
 
 
-def test_relu_mlp_with_small_early_gradients_stays_silent():
+def test_deep_relu_mlp_stays_silent():
     torch.manual_seed(0)
     layers, width = [], 16
     for _ in range(10):
@@ -490,7 +490,7 @@ def test_update_ratio_bounds_off_by_default():
 # Observation only
 
 
-def test_training_is_bitwise_identical_with_numeric_checks(tmp_path):
+def test_training_bitwise_identical(tmp_path):
     def run(logdir):
         torch.manual_seed(0)
         model = ResidualMLP(depth=4)

@@ -31,7 +31,7 @@ def run(model, step_fn, steps):
 
 
 # sqrt through torch.where: the branch not taken still gets a gradient
-# (pytorch/pytorch#52248). s < 0 makes 0.5 / sqrt(s) NaN and 0 * NaN = NaN,
+# in autograd. s < 0 makes 0.5 / sqrt(s) NaN and 0 * NaN = NaN,
 # while the forward stays finite.
 
 
@@ -87,7 +87,7 @@ def test_where_sqrt_double_where_is_silent():
 
 
 # Gradient clipping configured but never applied: a tanh RNN over 40 steps
-# with SGD (lr 0.3, momentum 0.9) explodes (chentuochao/Sound_Bubble#4).
+# with SGD (lr 0.3, momentum 0.9) explodes.
 
 
 class SeqRegressor(nn.Module):
@@ -139,8 +139,7 @@ def test_clipped_rnn_is_silent():
 
 
 # Ten sigmoid layers with default initialisation: each sigmoid scales the
-# backward signal by at most 0.25, so the first layers barely learn
-# (phlippe/uvadlc_notebooks#119).
+# backward signal by at most 0.25, so the first layers barely learn.
 
 
 class DeepMLP(nn.Module):

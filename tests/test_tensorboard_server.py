@@ -1,8 +1,8 @@
 """A real TensorBoard server serves a run the digits demo wrote.
 
-The demo trains for two epochs with a planted ``.detach()``; the server is
+The demo trains for two epochs with a planted ``.detach()``. The server is
 started on 127.0.0.1 at a free port and read back through its HTTP data API,
-as the browser's dashboard reads it.
+the same API the browser's dashboard reads.
 """
 
 from __future__ import annotations
