@@ -71,7 +71,9 @@ class UpdateSizeDetector(Detector):
         return {f"gradwatch/update_ratio/{n}": r for n, r in self.ratios.items()}
 
     def _scheduled(self) -> bool:
-        return self._step % self.options.log_every == 0
+        # Without TensorBoard and bounds nothing reads the ratios: copy nothing.
+        wanted = self.options.logdir is not None or self.options.update_ratio_bounds
+        return bool(wanted) and self._step % self.options.log_every == 0
 
     def _snapshot(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._scheduled():
