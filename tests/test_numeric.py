@@ -475,15 +475,21 @@ def test_update_ratio_bounds_warn_on_large_updates():
     assert all(a.data["update_ratio"] > 0.1 for a in alerts)
 
 
-def test_update_ratio_bounds_off_by_default():
+def test_update_ratio_bounds_off_by_default(tmp_path):
     torch.manual_seed(0)
     gw = train_classifier(
         nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)),
         steps=6,
         lr=1e-6,
         log_every=1,
+        logdir=tmp_path,
     )
 
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    ratios = events.Scalars("gradwatch/update_ratio/0.weight")
+    assert len(ratios) == 6
+    assert max(r.value for r in ratios) < 1e-5  # far below any sensible bound
     assert not [a for a in gw.alerts if a.data.get("kind") == "update"]
 
 
