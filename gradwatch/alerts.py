@@ -28,6 +28,7 @@ CHECKS: dict[str, Severity] = {
     "nonfinite_gradient": "error",
     "exploding_gradient": "warning",
     "vanishing_gradient": "warning",
+    "rank_dependent_graph": "warning",
 }
 
 
@@ -45,6 +46,8 @@ class Alert:
         data: Figures behind the finding (counts, norms, names).
         last_step: The latest step at which the finding still held.
         count: How many analysed steps the finding held at.
+        ranks: The ``torch.distributed`` ranks the finding concerns; empty
+            outside a process group.
     """
 
     check: str
@@ -56,6 +59,7 @@ class Alert:
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
     last_step: int = -1
     count: int = 1
+    ranks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.last_step < self.step:
@@ -100,6 +104,7 @@ class AlertBook:
             last_step=max(known.last_step, alert.last_step),
             count=known.count + 1,
             data={**known.data, **alert.data},
+            ranks=tuple(sorted({*known.ranks, *alert.ranks})),
         )
         return escalates
 

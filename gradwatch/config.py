@@ -47,6 +47,8 @@ class Options:
     norm_window: int = 50
     update_ratio_bounds: tuple[float, float] | None = None
     image_every: int = 100
+    distributed: bool | None = None
+    log_all_ranks: bool = False
 
     def __post_init__(self) -> None:
         _check_on_alert(self.on_alert)
@@ -60,6 +62,10 @@ class Options:
         _check_fraction("symmetry_tol", self.symmetry_tol)
         _check_dead_fraction(self.dead_fraction)
         _check_bool("activations", self.activations)
+        _check_bool("log_all_ranks", self.log_all_ranks)
+        if self.distributed is not None and not isinstance(self.distributed, bool):
+            msg = f"distributed must be None, True or False, got {self.distributed!r}"
+            raise ValueError(msg)
         object.__setattr__(self, "watch_outputs", _check_names(self.watch_outputs))
         object.__setattr__(self, "unit_groups", _check_unit_groups(self.unit_groups))
         _check_numeric_options(self)

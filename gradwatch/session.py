@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import warnings
@@ -31,6 +32,12 @@ from gradwatch.detectors.numeric import NonFiniteDetector
 from gradwatch.detectors.optimizer import OptimizerDetector
 from gradwatch.detectors.symmetry import SymmetryDetector
 from gradwatch.detectors.updates import UpdateSizeDetector
+from gradwatch.distributed import (
+    RankGraphDetector,
+    current_rank,
+    find_rank_group,
+    unwrap_ddp,
+)
 from gradwatch.errors import GradwatchError, GradwatchWarning, warning_class_for
 from gradwatch.handles import HookSet
 from gradwatch.params import ParamTable
@@ -73,6 +80,8 @@ def gradwatch(
     norm_window: int = 50,
     update_ratio_bounds: tuple[float, float] | None = None,
     image_every: int = 100,
+    distributed: bool | None = None,
+    log_all_ranks: bool = False,
 ) -> Session:
     """Watch the gradients of ``model`` while a training loop runs.
 
@@ -134,10 +143,18 @@ def gradwatch(
             row is reported. None (the default) only records the ratio.
         image_every: Steps between gradient-flow images in TensorBoard; 0
             writes none.
+        distributed: Combine gradient arrivals across ``torch.distributed`` ranks
+            with one all-reduce per step. None (the default) does so when the
+            process group has more than one rank and the model is wrapped in
+            DDP; True does so for any model (every rank must run a session);
+            False never does.
+        log_all_ranks: Write TensorBoard event files on every rank, each under
+            ``logdir/rank<N>``; by default only rank 0 writes them.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: An option is invalid; the message lists the valid values.
+        RuntimeError: ``distributed=True`` without an initialised process group.
     """
     options = Options(
         logdir=Path(logdir) if isinstance(logdir, str) else logdir,
@@ -167,6 +184,8 @@ def gradwatch(
         if isinstance(update_ratio_bounds, list)
         else update_ratio_bounds,
         image_every=image_every,
+        distributed=distributed,
+        log_all_ranks=log_all_ranks,
     )
     return Session(model, options)
 
@@ -194,7 +213,10 @@ class Session:
 
     def __init__(self, model: nn.Module, options: Options) -> None:
         _check_model(model)
+        model, wrapper = unwrap_ddp(model)
         self.options = options
+        self._ranks = find_rank_group(model, wrapper, options.distributed)
+        self._rank = current_rank()
         self._model: nn.Module | None = model
         self._book = AlertBook()
         self._hooks = HookSet()
@@ -230,14 +252,28 @@ class Session:
             CollapseDetector(options),
         ]
         detectors.extend(units)
-        if options.logdir is not None:
-            sink = TensorBoardSink(options, self._book)
+        if self._ranks is not None:
+            detectors.append(RankGraphDetector(options, self._ranks))
+        logdir = self._rank_logdir()
+        if logdir is not None:
+            sink = TensorBoardSink(
+                dataclasses.replace(options, logdir=logdir), self._book
+            )
             for detector in units[:2]:
                 sink.add_figure_source(lambda d=detector: d.figures)
             sink.add_figure_source(self._masks.scalars)
             sink.add_figure_source(updates.figures)
             detectors.append(sink)
         return detectors
+
+    def _rank_logdir(self) -> Path | None:
+        """Return where this rank writes event files: rank 0 only, by default."""
+        logdir = self.options.logdir
+        if logdir is None or self._rank is None:
+            return logdir
+        if self.options.log_all_ranks:
+            return logdir / f"rank{self._rank}"
+        return logdir if self._rank == 0 else None
 
     # Public API
 
@@ -367,6 +403,9 @@ class Session:
             self._table.scan()
         else:
             self._table.watch_arrivals()
+        arrival_ranks = None
+        if self._ranks is not None and not final:
+            arrival_ranks = self._ranks.combine(self._table)
 
         ctx = StepContext(
             step=self._clock.step,
@@ -377,6 +416,9 @@ class Session:
             options=self.options,
             emit=self._emit,
             steps_seen=self._clock.step + 1,
+            rank=self._rank,
+            arrival_ranks=arrival_ranks,
+            world_ranks=self._ranks.ranks if arrival_ranks is not None else (),
         )
         try:
             for detector in self._detectors:

@@ -205,6 +205,7 @@ def test_json_matches_text(runs, capsys):
         "module",
         "message",
         "data",
+        "ranks",
     }
     assert by_run["clean"]["alerts"] == []
     assert by_run["clean"]["failed"] is False

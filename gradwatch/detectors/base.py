@@ -36,6 +36,12 @@ class StepContext:
         grad_norms: Gradient norm of each judged parameter that received a dense
             gradient, keyed by ``id(tensor)``; filled after the transfer.
         param_norms: The norms of those parameters themselves.
+        rank: This process's ``torch.distributed`` rank, or None outside a
+            process group.
+        arrival_ranks: Per tensor id, the ranks its gradient arrived on at this
+            step, when the session combines arrivals across ranks; else None.
+        world_ranks: Every rank of that process group; empty when arrivals are
+            not combined.
     """
 
     step: int
@@ -49,10 +55,24 @@ class StepContext:
     grad_norms: dict[int, float] = dataclasses.field(default_factory=dict)
     param_norms: dict[int, float] = dataclasses.field(default_factory=dict)
     steps_seen: int = 0
+    rank: int | None = None
+    arrival_ranks: dict[int, frozenset[int]] | None = None
+    world_ranks: tuple[int, ...] = ()
 
     def arrived(self, info: ParamInfo) -> bool:
         """Return whether ``info`` received a gradient since it was last judged."""
         return id(info.tensor) in self.table.arrived
+
+    def ranks_without(self, info: ParamInfo) -> tuple[int, ...]:
+        """Return the ranks ``info`` received no gradient on at this step.
+
+        Outside combined arrivals this is the own rank, or empty outside a
+        process group.
+        """
+        if self.arrival_ranks is None:
+            return () if self.rank is None else (self.rank,)
+        arrived = self.arrival_ranks.get(id(info.tensor), frozenset())
+        return tuple(r for r in self.world_ranks if r not in arrived)
 
     def alert(
         self,
@@ -64,11 +84,13 @@ class StepContext:
         data: dict[str, Any] | None = None,
         severity: Severity | None = None,
         step: int | None = None,
+        ranks: tuple[int, ...] | None = None,
     ) -> None:
         """Emit an alert of ``check`` unless the session switched it off.
 
         ``param`` is the parameter concerned, or the qualified name of a tensor
         that is not a registered parameter; ``module`` defaults to its module.
+        ``ranks`` defaults to this process's rank (empty outside a process group).
         """
         if not self.options.enabled(check):
             return
@@ -84,8 +106,13 @@ class StepContext:
             message=message,
             data=dict(data or {}),
             last_step=self.step,
+            ranks=_default_ranks(self.rank) if ranks is None else ranks,
         )
         self.emit(alert)
+
+
+def _default_ranks(rank: int | None) -> tuple[int, ...]:
+    return () if rank is None else (rank,)
 
 
 class Detector:

@@ -6,9 +6,13 @@ Checks: ``unused_parameter``, ``gradient_stopped``, ``zero_gradient`` and
 Limitations:
     A parameter is judged only at the steps of an optimizer that holds it (every
     step when no optimizer holds it), so a generator and a discriminator that step
-    alternately are each judged on their own steps. A branch used less often than
-    once every ``patience`` steps from the start (four task heads in turn with the
-    default patience of 3) looks unused: raise ``patience`` for such models.
+    alternately are each judged on their own steps. Once some parameters of the
+    model get gradients on some steps only (layer drop, sampled task heads,
+    mixture experts), a parameter must go without a gradient for as many steps
+    as the least used of them could skip by chance before it counts as unused,
+    so a truly unused layer in such a model is reported later (about 17 steps
+    when the least used branch runs every other step). In a model whose every
+    step uses the same parameters, ``patience`` steps suffice.
 """
 
 from __future__ import annotations
@@ -48,10 +52,12 @@ class DisconnectDetector(Detector):
         super().__init__(options)
         self._trace = trace
         self._cuts: dict[str, tuple[Cut, list[str]]] = {}
+        self._unused_after = options.patience
 
     def analyse(self, ctx: StepContext) -> None:
         median = _median_positive(ctx.grad_norms.values())
         self._cuts = {}
+        self._unused_after = self._unused_threshold(ctx)
         arm = False
         for info in ctx.judged:
             state = info.state.setdefault("arrivals", _Arrivals())
@@ -89,8 +95,11 @@ class DisconnectDetector(Detector):
         state.gap += 1
         state.zero_streak = 0
         if state.arrived == 0:
-            short_session = ctx.final and ctx.steps_seen < self.options.patience
-            if state.judged >= self.options.patience or short_session:
+            conditional = self._unused_after > self.options.patience
+            short_session = (
+                ctx.final and ctx.steps_seen < self.options.patience and not conditional
+            )
+            if state.judged >= self._unused_after or short_session:
                 self._alert_unused(ctx, info, state)
         elif state.gap >= self._threshold(state):
             self._alert_stopped(ctx, info, state)
@@ -98,20 +107,52 @@ class DisconnectDetector(Detector):
     def _threshold(self, state: _Arrivals) -> int:
         """Return the gap, in judged steps, after which a gradient counts as stopped.
 
-        A parameter that received a gradient in a fraction f of its earlier steps
-        misses k steps in a row by chance with probability about (1 - f)^k; the
-        gap must make that chance smaller than ``stop_confidence``. The estimate
-        f = arrivals / (steps + 1) is never 1, so a short history asks for a long
-        gap, and a parameter that always had a gradient needs about ``patience``.
+        A parameter that received a gradient in a fraction f of its earlier n
+        steps misses k steps in a row by chance with probability about
+        (1 - f)^k at each step, so about n (1 - f)^k times over the run; the gap
+        must make that expected count smaller than ``stop_confidence``. Counting
+        the whole run keeps a layer dropped at random from tripping the check
+        in a long run. The estimate f = arrivals / (n + 1) is never 1, so a short
+        history asks for a long gap, and a parameter that always had a gradient
+        needs about ``patience``.
         """
         if state.arrived == 0:
-            return self.options.patience
+            return self._unused_after
         arrived, judged = state.arrived_before_gap, state.judged_before_gap
         if state.gap == 0:
             arrived, judged = state.arrived, state.judged
+        return self._gap_for_rate(arrived, judged)
+
+    def _gap_for_rate(self, arrived: int, judged: int) -> int:
+        """Return the gap after ``arrived`` arrivals in ``judged`` steps (arrived > 0)."""
         miss_rate = 1.0 - arrived / (judged + 1)
-        needed = math.log(self.options.stop_confidence) / math.log(miss_rate)
+        chance = self.options.stop_confidence / max(judged, 1)
+        needed = math.log(chance) / math.log(miss_rate)
         return max(self.options.patience, math.ceil(needed))
+
+    def _unused_threshold(self, ctx: StepContext) -> int:
+        """Return the steps without any gradient after which a parameter is unused.
+
+        If the model has intermittent parameters (some gradients, some misses,
+        not yet reported), its forward takes different paths on different steps,
+        and a parameter never reached so far may sit on a path not yet drawn. It
+        is then held to the gap of the least used intermittent parameter. A stopped
+        parameter drops out once reported, so it cannot delay this forever. The
+        counts include the step being analysed.
+        """
+        rates = []
+        for info in ctx.judged:
+            state = info.state.get("arrivals")
+            if not isinstance(state, _Arrivals) or state.alerted:
+                continue
+            arrived = state.arrived + ctx.arrived(info)
+            judged = state.judged + 1
+            if 0 < arrived < judged:
+                rates.append((arrived / (judged + 1), arrived, judged))
+        if not rates:
+            return self.options.patience
+        _, arrived, judged = min(rates)
+        return self._gap_for_rate(arrived, judged)
 
     def _negligible(
         self, ctx: StepContext, info: ParamInfo, norm: float, median: float
@@ -138,7 +179,7 @@ class DisconnectDetector(Detector):
         first = ctx.step - state.judged + 1
         message = (
             f"Parameter {info.describe()} in module `{info.module or '<root>'}` "
-            f"has received no gradient since step {first}. "
+            f"has received no gradient{_on_every_rank(ctx)} since step {first}. "
             f"{_cause(cut, info)}"
         )
         ctx.alert(
@@ -146,6 +187,7 @@ class DisconnectDetector(Detector):
             message,
             param=info,
             step=first,
+            ranks=ctx.ranks_without(info),
             data=_with_cause(
                 {"steps_without_gradient": state.judged, "names": info.names}, cut
             ),
@@ -159,8 +201,9 @@ class DisconnectDetector(Detector):
         message = (
             f"Parameter {info.describe()} in module `{info.module or '<root>'}` "
             f"received gradients in "
-            f"{state.arrived} earlier step(s), the last at step {last}, and none in "
-            f"the {state.gap} step(s) since. {_cause(cut, info)} A branch no longer "
+            f"{state.arrived} earlier step(s), the last at step {last}, and none"
+            f"{_on_every_rank(ctx)} in the {state.gap} step(s) since. "
+            f"{_cause(cut, info)} A branch no longer "
             f"taken, an expert that gets no tokens, or a `no_grad`/`detach` added "
             f"mid-run cause this; freeze the parameter with requires_grad_(False) "
             f"or pass it in `ignore` if it is meant to stop learning."
@@ -170,6 +213,7 @@ class DisconnectDetector(Detector):
             message,
             param=info,
             step=last + 1,
+            ranks=ctx.ranks_without(info),
             data=_with_cause(
                 {"last_gradient_step": last, "steps_without_gradient": state.gap}, cut
             ),
@@ -273,6 +317,13 @@ def _where(cut: Cut) -> str:
         after = f" after calling `{cut.caller}`" if cut.caller else ""
         return f"The graph is cut inside the forward of {module}{after}"
     return "The loss is cut from the model's output"
+
+
+def _on_every_rank(ctx: StepContext) -> str:
+    """Say that arrivals were combined across ranks, when they were."""
+    if ctx.arrival_ranks is None:
+        return ""
+    return f" on any of the {len(ctx.world_ranks)} ranks"
 
 
 def _with_cause(data: dict, cut: Cut | None) -> dict:
