@@ -17,8 +17,9 @@ __all__ = ["GradientNorms", "foreach_norms"]
 def foreach_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Return the L2 norm of each tensor as one float32 vector, in input order.
 
-    Tensors are grouped by device and dtype for ``torch._foreach_norm``; a sparse
-    tensor's norm is that of its stored values.
+    Norms are accumulated in float32 whatever the tensors' dtype. Tensors are
+    grouped by device and dtype for ``torch._foreach_norm``; a sparse tensor's
+    norm is that of its stored values.
     """
     if not tensors:
         return torch.zeros(0)
@@ -28,17 +29,30 @@ def foreach_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
     with torch.no_grad():
         if len(groups) == 1 and not tensors[0].is_sparse:
-            return torch.stack(torch._foreach_norm(list(tensors))).float()
+            return torch.stack(_float32_norms(list(tensors)))
         device = tensors[0].device
         norms = torch.empty(len(tensors), dtype=torch.float32, device=device)
         for (_, _, sparse), indices in groups.items():
             members = [tensors[i] for i in indices]
             if sparse:
                 members = [t._values() for t in members]
-            group_norms = torch.stack(torch._foreach_norm(members)).float()
+            group_norms = torch.stack(_float32_norms(members))
             position = torch.tensor(indices, device=device)
             norms.index_copy_(0, position, group_norms.to(device))
     return norms
+
+
+def _float32_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Return the L2 norms accumulated and returned in float32.
+
+    A float16 gradient whose elements are all finite can have a norm above
+    65504, the largest float16 value, so its norm must not be rounded to float16.
+    """
+    try:
+        return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    except TypeError:
+        # NOTE: older torch releases lack the dtype argument; upcasting copies.
+        return list(torch._foreach_norm([t.float() for t in tensors]))
 
 
 class GradientNorms(Detector):
