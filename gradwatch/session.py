@@ -113,8 +113,9 @@ def gradwatch(
             ``mask_revived`` then reports them turning nonzero.
         zero_tol: A gradient whose norm is below ``zero_tol`` times both the median
             gradient norm of the model and the parameter's own norm counts as zero.
-        stop_confidence: Chance, under the parameter's own arrival rate so far,
-            that a gap is a coincidence; below it, ``gradient_stopped`` fires.
+        stop_confidence: Expected number of gaps as long as the current one over
+            the steps so far, under the parameter's own arrival rate; below it,
+            ``gradient_stopped`` fires.
         graph_walk_steps: Number of first steps whose forward is traced to locate
             graph cuts and unregistered parameters.
         log_every: Steps between TensorBoard scalar records.

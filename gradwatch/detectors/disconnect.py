@@ -12,7 +12,12 @@ Limitations:
     as the least used of them could skip by chance before it counts as unused,
     so a truly unused layer in such a model is reported later (about 17 steps
     when the least used branch runs every other step). In a model whose every
-    step uses the same parameters, ``patience`` steps suffice.
+    step uses the same parameters, ``patience`` steps suffice. Until some
+    parameter has both received and missed a gradient, nothing shows that the
+    forward changes between steps: a head sampled at random that is not drawn
+    in the first ``patience`` steps while the others are drawn at every step
+    (one of two heads, drawn the same for three steps: one run in four) is
+    reported unused. Raise ``patience`` for such models.
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ class DisconnectDetector(Detector):
         return self._gap_for_rate(arrived, judged)
 
     def _gap_for_rate(self, arrived: int, judged: int) -> int:
-        """Return the gap after ``arrived`` arrivals in ``judged`` steps (arrived > 0)."""
+        """Return the gap for ``arrived`` arrivals in ``judged`` steps (arrived > 0)."""
         miss_rate = 1.0 - arrived / (judged + 1)
         chance = self.options.stop_confidence / max(judged, 1)
         needed = math.log(chance) / math.log(miss_rate)
@@ -236,7 +241,9 @@ class DisconnectDetector(Detector):
             f"of the model is {median:.3g}. The path from the loss reaches it only "
             f"through operations with zero derivative: a constant (a weight "
             f"normalised to 1, a zero-initialised layer on both sides, a saturated "
-            f"or dead activation, a loss term multiplied by 0)."
+            f"or dead activation, a loss term multiplied by 0) or a loss that does "
+            f"not change with it (a bias that cancels in the difference of two "
+            f"outputs of one tower)."
         )
         ctx.alert(
             "zero_gradient",
