@@ -279,11 +279,9 @@ class ResidualMLP(nn.Module):
 
 def test_zero_init_residual_branch_is_silent(digits):
     torch.manual_seed(0)
-    gw = _train(ResidualMLP(), digits)
-    # NOTE: vanishing_gradient may flag branch.0, whose gradient stays small
-    # while branch.2 grows from zero; only the unit checks are judged here.
-    unit_checks = {"symmetric_units", "dead_units", "representation_collapse"}
-    assert [a for a in _loud(gw) if a.check in unit_checks] == []
+    gw = _train(ResidualMLP(), digits, steps=30)
+
+    assert _loud(gw) == []
 
 
 def test_zero_embedding_is_not_units():

@@ -195,7 +195,8 @@ class GradientScaleDetector(Detector):
         for info, _ in layers:
             history = self._history(info)
             ratio = statistics.median(history.rms) / reference
-            if ratio >= self.options.vanish_factor:
+            waking = _growing(history.rms, self.options.patience)
+            if ratio >= self.options.vanish_factor or waking:
                 history.streak_start = None
                 continue
             if history.streak_start is None:
@@ -251,3 +252,13 @@ class GradientScaleDetector(Detector):
                 "params": [i.name for i, _ in low],
             },
         )
+
+
+def _growing(rms: deque[float], steps: int) -> bool:
+    """Return whether the gradient at least doubled over the last ``steps`` steps.
+
+    A layer behind a zero-initialised one (the first layer of a residual branch
+    whose last layer starts at zero) has a gradient that starts at zero and grows
+    as that layer learns; it is waking up, not vanishing.
+    """
+    return len(rms) >= steps and rms[-1] > 2.0 * rms[-steps]
