@@ -78,45 +78,77 @@ class Alert:
         return f"[{self.severity}] {self.check} at step {self.step}: {self.message}"
 
 
+class _Entry:
+    """A known alert and its running figures, turned into an Alert on request."""
+
+    __slots__ = ("alert", "count", "data", "last_step", "ranks", "_current")
+
+    def __init__(self, alert: Alert) -> None:
+        self.alert = alert
+        self.last_step = alert.last_step
+        self.count = alert.count
+        self.data = dict(alert.data)
+        self.ranks = set(alert.ranks)
+        self._current: Alert | None = alert
+
+    def update(self, alert: Alert) -> None:
+        self.last_step = max(self.last_step, alert.last_step)
+        self.count += 1
+        self.data.update(alert.data)
+        self.ranks.update(alert.ranks)
+        self._current = None
+
+    def current(self) -> Alert:
+        if self._current is None:
+            self._current = dataclasses.replace(
+                self.alert,
+                last_step=self.last_step,
+                count=self.count,
+                data=dict(self.data),
+                ranks=tuple(sorted(self.ranks)),
+            )
+        return self._current
+
+
 class AlertBook:
     """The alerts of one session, one per ``(check, subject)``.
 
     :meth:`record` returns True for a new alert, and for a known one whose
     severity rises (an info that turns into an error takes the new message); any
-    other repeat only updates ``last_step``, ``count`` and the figures.
+    other repeat only updates ``last_step``, ``count`` and the figures. Repeats
+    are cheap: the updated Alert is built only when it is read.
     """
 
     def __init__(self) -> None:
-        self._alerts: dict[tuple[str, str | None, str | None], Alert] = {}
+        self._entries: dict[tuple[str, str | None, str | None], _Entry] = {}
 
     def record(self, alert: Alert) -> bool:
         key = (alert.check, alert.param, alert.module)
-        known = self._alerts.get(key)
-        if known is None:
-            self._alerts[key] = alert
+        entry = self._entries.get(key)
+        if entry is None:
+            self._entries[key] = _Entry(alert)
             return True
 
-        escalates = SEVERITIES.index(alert.severity) < SEVERITIES.index(known.severity)
-        self._alerts[key] = dataclasses.replace(
-            known,
-            severity=alert.severity if escalates else known.severity,
-            message=alert.message if escalates else known.message,
-            last_step=max(known.last_step, alert.last_step),
-            count=known.count + 1,
-            data={**known.data, **alert.data},
-            ranks=tuple(sorted({*known.ranks, *alert.ranks})),
+        escalates = SEVERITIES.index(alert.severity) < SEVERITIES.index(
+            entry.alert.severity
         )
+        if escalates:
+            entry.alert = dataclasses.replace(
+                entry.alert, severity=alert.severity, message=alert.message
+            )
+        entry.update(alert)
         return escalates
 
     def get(self, check: str, param: str | None = None, module: str | None = None):
         """Return the alert of ``check`` about ``param``/``module``, or None."""
-        return self._alerts.get((check, param, module))
+        entry = self._entries.get((check, param, module))
+        return entry.current() if entry is not None else None
 
     def __iter__(self) -> Iterator[Alert]:
-        return iter(self._alerts.values())
+        return (entry.current() for entry in self._entries.values())
 
     def __len__(self) -> int:
-        return len(self._alerts)
+        return len(self._entries)
 
     def as_list(self) -> list[Alert]:
-        return sorted(self._alerts.values(), key=lambda a: (a.step, a.check, a.subject))
+        return sorted(self, key=lambda a: (a.step, a.check, a.subject))
