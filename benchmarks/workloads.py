@@ -103,15 +103,25 @@ def w4_deep_mlp(seed: int) -> Workload:
     return Workload(model, optimizer, _classifier_step(model, optimizer, x, y))
 
 
+class _ResidualStack(nn.Module):
+    """x + 0.1 tanh(layer(x)) per layer: deep, yet gradients reach every layer."""
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + 0.1 * torch.tanh(layer(x))
+        return x
+
+
 def w5_scaling(tensors: int) -> Callable[[int], Workload]:
-    """An MLP of ``tensors`` parameter tensors (Linear(16, 16) layers), batch 32."""
+    """A residual MLP of ``tensors`` parameter tensors (Linear(16, 16)), batch 32."""
 
     def build(seed: int) -> Workload:
         torch.manual_seed(seed)
-        layers: list[nn.Module] = []
-        for _ in range(tensors // 2):
-            layers += [nn.Linear(16, 16), nn.Tanh()]
-        model = nn.Sequential(*layers)
+        model = _ResidualStack(tensors // 2)
         x, y = torch.randn(32, 16), torch.randint(0, 16, (32,))
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
         return Workload(model, optimizer, _classifier_step(model, optimizer, x, y))
