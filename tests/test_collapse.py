@@ -140,3 +140,17 @@ def test_unknown_watched_module_raises():
         gradwatch(model, watch_outputs=["encoder"]),
     ):
         pass
+
+
+def test_narrow_regression_output_is_not_collapse():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(0)
+    with gradwatch(model, on_alert="ignore") as gw:
+        for _ in range(6):
+            optimizer.zero_grad()
+            model(torch.randn(8, 4, generator=generator)).square().mean().backward()
+            optimizer.step()
+
+    assert [a.check for a in gw.alerts] == []

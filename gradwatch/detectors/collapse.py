@@ -22,8 +22,9 @@ checks in a row.
 
 Limitations:
     Outputs are judged over the batch, so batches of fewer than ``_MIN_BATCH``
-    samples are skipped. Outputs wider than ``_MAX_FEATURES`` are judged on a
-    fixed random subset of their features. A collapse present from the first
+    samples, and outputs of fewer than ``_MIN_FEATURES`` features, are
+    skipped. Outputs wider than ``_MAX_FEATURES`` are judged on a fixed random
+    subset of their features. A collapse present from the first
     step, with no diverse step before it, is not reported. The thresholds were
     set on small siamese models trained on scikit-learn's digits; a model whose
     healthy outputs share one direction more than that may look collapsed.
@@ -40,7 +41,7 @@ from torch import nn
 from gradwatch.detectors.base import Detector, StepContext
 from gradwatch.detectors.units import is_check_step, resolve_modules
 from gradwatch.graph import iter_tensors
-from gradwatch.handles import HookSet
+from gradwatch.handles import HookSet, eager_hook
 
 if TYPE_CHECKING:
     from gradwatch.config import Options
@@ -49,6 +50,10 @@ if TYPE_CHECKING:
 __all__ = ["CollapseDetector", "batch_diversity"]
 
 _MIN_BATCH = 4
+#: Outputs narrower than this are not judged: the directions of a few features
+#: coincide in healthy models (a 1-D regression output that turns positive for
+#: every sample has zero spread).
+_MIN_FEATURES = 8
 _MAX_FEATURES = 16384
 _SPREAD_FLOOR = 0.1
 _RANK_FRACTION = 0.05
@@ -126,7 +131,7 @@ class CollapseDetector(Detector):
             return
         watched = {"": model, **resolve_modules(model, self.options.watch_outputs)}
         for name, module in watched.items():
-            self._hooks.add(module.register_forward_hook(self._hook(name)))
+            self._hooks.add(module.register_forward_hook(eager_hook(self._hook(name))))
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -136,6 +141,8 @@ class CollapseDetector(Detector):
                 (t for t in iter_tensors(output) if t.is_floating_point()), None
             )
             if tensor is None or tensor.dim() < 2 or tensor.shape[0] < _MIN_BATCH:
+                return
+            if tensor[0].numel() < _MIN_FEATURES:
                 return
             with torch.no_grad():
                 figures = batch_diversity(tensor, self._subset(tensor))
