@@ -20,7 +20,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from gradwatch.handles import HookSet
+from gradwatch.handles import HookSet, eager_hook
 from gradwatch.params import ParamTable
 
 __all__ = ["StepClock"]
@@ -46,7 +46,7 @@ class StepClock:
     def attach(self, model: nn.Module, hooks: HookSet) -> None:
         hooks.add(register_optimizer_step_pre_hook(self._pre_hook))
         hooks.add(register_optimizer_step_post_hook(self._post_hook))
-        hooks.add(model.register_forward_pre_hook(self._root_forward))
+        hooks.add(model.register_forward_pre_hook(eager_hook(self._root_forward)))
 
     def on_before_step(self, callback: Callable[[torch.optim.Optimizer], None]):
         """Call ``callback(optimizer)`` before each step of a watched optimizer."""

@@ -43,15 +43,29 @@ _BITS_PER_WORD = 63
 
 
 def unwrap_ddp(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
-    """Return the module DDP wraps, and the wrapper (None for an unwrapped model).
+    """Return the user's module, and the DDP wrapper (None when there is none).
 
-    Sessions watch the wrapped module, so parameter names are those of the
-    user's model (``fc.weight``, not ``module.fc.weight``) whether the session
-    is given the DDP wrapper or its ``.module``.
+    Sessions watch the module that DDP and ``torch.compile`` wrap, so parameter
+    names are those of the user's model (``fc.weight``, not ``module.fc.weight``
+    or ``_orig_mod.fc.weight``), whether the session is given a wrapper or the
+    module inside it. Wrappers nest in either order.
     """
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module, model
-    return model, None
+    wrapper = None
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            wrapper = model
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        else:
+            return model, wrapper
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Return whether ``model`` is the wrapper that ``torch.compile`` returns."""
+    return type(model).__name__ == "OptimizedModule" and isinstance(
+        getattr(model, "_orig_mod", None), nn.Module
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
+import torch
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HookSet"]
+__all__ = ["HookSet", "eager_hook"]
+
+HookT = TypeVar("HookT", bound=Callable)
+
+
+def eager_hook(hook: HookT) -> HookT:
+    """Return ``hook`` marked to run eagerly inside ``torch.compile``'d code.
+
+    TorchDynamo would otherwise trace gradwatch's own hook code into the user's
+    compiled graph, and recompile it whenever the hook's state changes; a
+    disabled hook costs one graph break on the steps where it is installed. The
+    wrapper keeps a bound method's ``__self__``, so the hook's owner can still
+    be found from the module's hook dicts.
+    """
+    disabled = torch.compiler.disable(hook, recursive=True)
+    owner = getattr(hook, "__self__", None)
+    if owner is not None:
+        disabled.__self__ = owner
+    return disabled
 
 
 class HookSet:

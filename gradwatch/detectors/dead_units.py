@@ -37,7 +37,7 @@ from torch import nn
 
 from gradwatch.detectors.base import Detector, StepContext
 from gradwatch.detectors.units import UnitLayout, find_layouts, is_check_step
-from gradwatch.handles import HookSet
+from gradwatch.handles import HookSet, eager_hook
 from gradwatch.transfer import Pending
 
 if TYPE_CHECKING:
@@ -154,7 +154,7 @@ class DeadUnitsDetector(Detector):
                 )
             else:
                 continue
-            self._hooks.add(module.register_forward_hook(hook))
+            self._hooks.add(module.register_forward_hook(eager_hook(hook)))
 
     def _producer_hook(self, name: str, axis: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:

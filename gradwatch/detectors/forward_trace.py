@@ -18,7 +18,7 @@ from torch import nn
 
 from gradwatch.detectors.base import Detector, StepContext
 from gradwatch.graph import GraphReach, iter_tensors, walk, walk_nodes
-from gradwatch.handles import HookSet
+from gradwatch.handles import HookSet, eager_hook
 
 if TYPE_CHECKING:
     from gradwatch.config import Options
@@ -123,11 +123,13 @@ class ForwardTrace(Detector):
         self._names = {}
         for name, module in model.named_modules(remove_duplicate=False):
             self._hooks.add(
-                module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+                module.register_forward_pre_hook(
+                    eager_hook(self._pre_hook), with_kwargs=True
+                )
             )
             self._hooks.add(
                 module.register_forward_hook(
-                    self._post_hook, with_kwargs=True, always_call=True
+                    eager_hook(self._post_hook), with_kwargs=True, always_call=True
                 )
             )
             self._names.setdefault(id(module), name)

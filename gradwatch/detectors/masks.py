@@ -52,6 +52,7 @@ from torch.nn.modules.module import (
 )
 
 from gradwatch.detectors.base import Detector, StepContext
+from gradwatch.handles import eager_hook
 from gradwatch.masks import (
     MaskFigures,
     MaskWatch,
@@ -214,11 +215,13 @@ class MaskDetector(Detector):
         for key, entry in hooked.items():
             if entry.before and ("masks-before", key) not in hooks:
                 handle = entry.module.register_forward_pre_hook(
-                    self._before_forward, prepend=True
+                    eager_hook(self._before_forward), prepend=True
                 )
                 hooks.add(handle, ("masks-before", key))
             if (entry.before or entry.after) and ("masks-after", key) not in hooks:
-                handle = entry.module.register_forward_hook(self._after_forward)
+                handle = entry.module.register_forward_hook(
+                    eager_hook(self._after_forward)
+                )
                 hooks.add(handle, ("masks-after", key))
         for key in self._hooked:
             kept = hooked.get(key)

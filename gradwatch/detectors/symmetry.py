@@ -44,7 +44,7 @@ from gradwatch.detectors.units import (
     resolve_modules,
 )
 from gradwatch.graph import iter_tensors
-from gradwatch.handles import HookSet
+from gradwatch.handles import HookSet, eager_hook
 
 if TYPE_CHECKING:
     from gradwatch.config import Options
@@ -202,8 +202,9 @@ class SymmetryDetector(Detector):
             return
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
-                self._hooks.add(module.register_forward_hook(self._layer_hook(name)))
-        self._hooks.add(model.register_forward_hook(self._root_hook))
+                hook = eager_hook(self._layer_hook(name))
+                self._hooks.add(module.register_forward_hook(hook))
+        self._hooks.add(model.register_forward_hook(eager_hook(self._root_hook)))
 
     def _layer_hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
