@@ -284,6 +284,11 @@ class Session:
         return self._book.as_list()
 
     @property
+    def closed(self) -> bool:
+        """True once the session has ended (its ``with`` block has exited)."""
+        return self._closed
+
+    @property
     def step(self) -> StepIndex:
         """The index of the current step (0 until the first step ends)."""
         return StepIndex(self._clock.step, self._end_step_explicitly)

@@ -1,0 +1,94 @@
+"""Trainer callbacks: a real Hugging Face Trainer and a real Lightning Trainer on CPU.
+
+Importing either framework takes seconds, so these tests are marked slow (CI
+runs them); each is skipped when its framework is not installed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+
+
+def _token_batches(count: int, vocab: int = 32, length: int = 8) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(count):
+        ids = torch.randint(0, vocab, (length,), generator=generator)
+        rows.append({"input_ids": ids, "labels": ids.clone()})
+    return rows
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    config = transformers.GPT2Config(
+        vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _hf_train(model, tmp_path, callback, report_to=()):
+    transformers = pytest.importorskip("transformers")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to=list(report_to),
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=_token_batches(4 * STEPS),
+        callbacks=[callback],
+    )
+    trainer.train()
+    return trainer
+
+
+def test_transformers_healthy_run_is_silent(tmp_path):
+    from gradwatch.integrations.transformers import GradwatchCallback
+
+    callback = GradwatchCallback(on_alert="ignore")
+    _hf_train(_tiny_gpt2(), tmp_path, callback)
+    assert callback.session.closed
+    assert callback.session.step == STEPS
+    assert callback.alerts == []
+
+
+def test_transformers_unused_module_reported(tmp_path):
+    from gradwatch.integrations.transformers import GradwatchCallback
+
+    model = _tiny_gpt2()
+    model.value_head = nn.Linear(16, 1)
+    callback = GradwatchCallback(on_alert="ignore")
+    _hf_train(model, tmp_path, callback)
+    unused = sorted(a.param for a in callback.alerts if a.check == "unused_parameter")
+    assert unused == ["value_head.bias", "value_head.weight"]
+    print(callback.report())  # noqa: T201
+
+
+def test_transformers_writes_beside_tensorboard_logs(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from gradwatch.integrations.transformers import GradwatchCallback
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    callback = GradwatchCallback(on_alert="ignore", log_every=1)
+    _hf_train(_tiny_gpt2(), tmp_path, callback, report_to=["tensorboard"])
+    runs = tmp_path / "out" / "runs"
+    ours = list(runs.glob("gradwatch/events.out.tfevents.*"))
+    every = list(runs.rglob("events.out.tfevents.*"))
+    assert len(ours) == 1
+    assert len(every) >= 2
