@@ -92,3 +92,102 @@ def test_transformers_writes_beside_tensorboard_logs(tmp_path, monkeypatch):
     every = list(runs.rglob("events.out.tfevents.*"))
     assert len(ours) == 1
     assert len(every) >= 2
+
+
+def _lightning_module(unused_head: bool):
+    lightning = pytest.importorskip("lightning.pytorch")
+
+    class Classifier(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+            self.head = nn.Linear(3, 3) if unused_head else None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+        def training_step(self, batch, batch_index):
+            x, y = batch
+            loss = nn.functional.cross_entropy(self(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    return Classifier()
+
+
+def _lightning_fit(module, tmp_path, callback, logger=False):
+    lightning = pytest.importorskip("lightning.pytorch")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16 * STEPS, 8, generator=generator)
+    y = torch.randint(0, 3, (16 * STEPS,), generator=generator)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=16
+    )
+    trainer = lightning.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=[callback],
+        default_root_dir=str(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, loader)
+    return trainer
+
+
+def test_lightning_healthy_run_is_silent(tmp_path):
+    module = _lightning_module(unused_head=False)
+    from gradwatch.integrations.lightning import GradwatchCallback
+
+    callback = GradwatchCallback(on_alert="ignore")
+    _lightning_fit(module, tmp_path, callback)
+    assert callback.session.closed
+    assert callback.session.step == STEPS
+    assert callback.alerts == []
+
+
+def test_lightning_unused_head_reported(tmp_path):
+    module = _lightning_module(unused_head=True)
+    from gradwatch.integrations.lightning import GradwatchCallback
+
+    callback = GradwatchCallback(on_alert="ignore")
+    _lightning_fit(module, tmp_path, callback)
+    unused = sorted(a.param for a in callback.alerts if a.check == "unused_parameter")
+    assert unused == ["head.bias", "head.weight"]
+    print(callback.report())  # noqa: T201
+
+
+def test_lightning_logs_through_tensorboard_logger(tmp_path):
+    pytest.importorskip("tensorboard")
+    module = _lightning_module(unused_head=False)
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from gradwatch.integrations.lightning import GradwatchCallback
+
+    logger = TensorBoardLogger(str(tmp_path / "tb"), name="run")
+    callback = GradwatchCallback(on_alert="ignore", log_every=1)
+    _lightning_fit(module, tmp_path, callback, logger=logger)
+    log_dir = tmp_path / "tb" / "run" / "version_0"
+    assert callback.session.options.logdir == log_dir
+    assert len(list(log_dir.glob("events.out.tfevents.*"))) == 2
+
+
+def test_lightning_session_ends_when_fit_raises(tmp_path):
+    module = _lightning_module(unused_head=False)
+    from gradwatch.integrations.lightning import GradwatchCallback
+
+    def failing_step(*args, **kwargs):
+        raise RuntimeError("training step failed on purpose")
+
+    module.training_step = failing_step
+    callback = GradwatchCallback(on_alert="ignore")
+    with pytest.raises(RuntimeError, match="failed on purpose"):
+        _lightning_fit(module, tmp_path, callback)
+    assert callback.session.closed
