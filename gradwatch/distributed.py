@@ -6,7 +6,7 @@ with one all-reduce of a small integer vector: parameter ``i`` of the watched
 table gets bit ``r % 63`` of word ``r // 63`` set by rank ``r``. Bits of
 different ranks never overlap, so the sum the all-reduce computes is their
 bitwise OR, and every rank learns which ranks each gradient arrived on. The
-vector holds ``ceil(world_size / 63)`` int64 words per parameter.
+vector contains ``ceil(world_size / 63)`` int64 words per parameter.
 
 Limitations:
     Every rank must build its session on the same model (as DDP requires) and
@@ -20,26 +20,44 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from gradwatch.alerts import CHECKS
 from gradwatch.detectors.base import Detector, StepContext
+from gradwatch.errors import GradwatchWarning
 
 if TYPE_CHECKING:
     from gradwatch.config import Options
     from gradwatch.params import ParamTable
 
 __all__ = [
+    "SHARDED_CHECKS",
     "RankGraphDetector",
     "RankGroup",
     "current_rank",
     "find_rank_group",
+    "is_sharded",
+    "sharded_options",
     "unwrap_ddp",
 ]
 
 _BITS_PER_WORD = 63
+
+#: The checks that run on FSDP2 models: those judged from gradient arrival and
+#: gradient norms, which are combined across shards.
+SHARDED_CHECKS = (
+    "unused_parameter",
+    "gradient_stopped",
+    "zero_gradient",
+    "graph_cut",
+    "not_in_optimizer",
+    "unregistered_parameter",
+    "rank_dependent_graph",
+)
 
 
 def unwrap_ddp(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
@@ -59,6 +77,87 @@ def unwrap_ddp(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
             model = model._orig_mod
         else:
             return model, wrapper
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Return whether ``model`` has FSDP2 (``fully_shard``) parameters.
+
+    Raises:
+        NotImplementedError: The model is sharded in a way gradwatch cannot
+            combine: FSDP1 (``FullyShardedDataParallel``), or DTensor
+            parameters on a mesh of more than one dimension (HSDP, tensor
+            parallel) or not sharded on dim 0.
+    """
+    fsdp1 = _fsdp1_class()
+    if fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules()):
+        msg = (
+            "gradwatch does not support FSDP1 (FullyShardedDataParallel), whose "
+            "flat parameters hide the names of the model's parameters; shard the "
+            "model with torch.distributed.fsdp.fully_shard (FSDP2) instead"
+        )
+        raise NotImplementedError(msg)
+    sharded = False
+    for name, param in model.named_parameters():
+        mesh = getattr(param, "device_mesh", None)
+        if mesh is None:
+            continue
+        placements = tuple(str(p) for p in param.placements)
+        if mesh.ndim != 1 or placements != ("S(0)",):
+            msg = (
+                f"gradwatch supports FSDP2 on a 1-D device mesh with parameters "
+                f"sharded on dim 0; parameter {name!r} has placements "
+                f"{placements} on a {mesh.ndim}-D mesh (HSDP, tensor or "
+                f"context parallel are not supported)"
+            )
+            raise NotImplementedError(msg)
+        sharded = True
+    return sharded
+
+
+def sharded_options(options: Options) -> Options:
+    """Return ``options`` restricted to the checks that run on FSDP2 shards.
+
+    The unit, mask and numeric checks index rows and elements of parameters
+    and gradients, which FSDP2 splits across ranks, so they do not run; a
+    :class:`GradwatchWarning` lists them when ``checks`` is left at None.
+    Histograms, which would show only this rank's shard, are switched off.
+
+    Raises:
+        NotImplementedError: ``checks``, ``masks`` or ``track_zeros`` requests a
+            check that does not run on FSDP2 models.
+    """
+    # TODO: run the unit, mask and numeric checks on shards; they need per-row
+    # and per-element figures combined across ranks, which are not built yet.
+    if options.masks or options.track_zeros:
+        msg = "masks and track_zeros do not support FSDP2 (fully_shard) models yet"
+        raise NotImplementedError(msg)
+    requested = options.checks if options.checks is not None else tuple(CHECKS)
+    skipped = [check for check in requested if check not in SHARDED_CHECKS]
+    if options.checks is not None and skipped:
+        msg = (
+            f"check(s) {skipped} do not support FSDP2 (fully_shard) models yet; "
+            f"the checks that do are: {', '.join(SHARDED_CHECKS)}"
+        )
+        raise NotImplementedError(msg)
+    if skipped:
+        warnings.warn(
+            f"gradwatch runs only {', '.join(SHARDED_CHECKS)} on FSDP2 "
+            f"(fully_shard) models; {', '.join(skipped)} do not run",
+            GradwatchWarning,
+            stacklevel=4,
+        )
+    kept = tuple(check for check in requested if check in SHARDED_CHECKS)
+    return dataclasses.replace(options, checks=kept, histogram_every=0)
+
+
+def _fsdp1_class() -> type | None:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel
 
 
 def _is_compiled(model: nn.Module) -> bool:
@@ -113,19 +212,23 @@ class RankGroup:
 
 
 def find_rank_group(
-    model: nn.Module, wrapper: nn.Module | None, option: bool | None
+    model: nn.Module,
+    wrapper: nn.Module | None,
+    option: bool | None,
+    sharded: bool = False,
 ) -> RankGroup | None:
     """Return the rank group a session combines arrivals over, or None.
 
     ``option`` is the session's ``distributed`` option: None combines them when
     ``torch.distributed`` is initialised with more than one rank and the model
-    is wrapped in DDP (given as the wrapper or as its ``.module``); True
-    combines them whenever the process group has more than one rank; False
-    never does.
+    is wrapped in DDP (given as the wrapper or as its ``.module``) or
+    ``sharded`` by FSDP2; True combines them whenever the process group has
+    more than one rank; False never does.
 
     Raises:
         RuntimeError: ``option`` is True but ``torch.distributed`` is not
             initialised.
+        ValueError: ``option`` is False for a ``sharded`` model.
     """
     import torch.distributed as dist
 
@@ -136,9 +239,17 @@ def find_rank_group(
             "call torch.distributed.init_process_group() before the session starts"
         )
         raise RuntimeError(msg)
+    if option is False and sharded:
+        msg = (
+            "gradwatch(..., distributed=False) cannot watch an FSDP2 model, because "
+            "its gradient norms are combined across ranks at every step; leave "
+            "distributed at None"
+        )
+        raise ValueError(msg)
     if option is False or not initialised or dist.get_world_size() < 2:
         return None
-    if option is None and wrapper is None and not _wrapped_by_ddp(model):
+    automatic = sharded or wrapper is not None
+    if option is None and not automatic and not _wrapped_by_ddp(model):
         return None
     return RankGroup(dist.get_rank(), dist.get_world_size())
 
@@ -153,7 +264,7 @@ def current_rank() -> int | None:
 
 
 def _wrapped_by_ddp(model: nn.Module) -> bool:
-    """Return whether a live DDP wrapper holds ``model``; walks gc's objects once."""
+    """Return whether a live DDP wrapper contains ``model`` (walks gc's objects)."""
     ddp = nn.parallel.DistributedDataParallel
     return any(
         type(candidate) is ddp and candidate.module is model

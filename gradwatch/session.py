@@ -20,7 +20,7 @@ from torch.nn.modules.module import (
 
 from gradwatch.alerts import Alert, AlertBook
 from gradwatch.clock import StepClock
-from gradwatch.config import Options
+from gradwatch.config import Options, as_pairs, as_tuple
 from gradwatch.detectors.base import Detector, StepContext
 from gradwatch.detectors.collapse import CollapseDetector
 from gradwatch.detectors.dead_units import DeadUnitsDetector
@@ -31,11 +31,14 @@ from gradwatch.detectors.norms import GradientScaleDetector
 from gradwatch.detectors.numeric import NonFiniteDetector
 from gradwatch.detectors.optimizer import OptimizerDetector
 from gradwatch.detectors.symmetry import SymmetryDetector
+from gradwatch.detectors.units import resolve_modules
 from gradwatch.detectors.updates import UpdateSizeDetector
 from gradwatch.distributed import (
     RankGraphDetector,
     current_rank,
     find_rank_group,
+    is_sharded,
+    sharded_options,
     unwrap_ddp,
 )
 from gradwatch.errors import GradwatchError, GradwatchWarning, warning_class_for
@@ -153,17 +156,19 @@ def gradwatch(
             ``logdir/rank<N>``; by default only rank 0 writes them.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: An option is invalid; the message lists the valid values.
+        TypeError: ``model`` is not an ``nn.Module``, or has a trainable complex
+            parameter that ``ignore`` does not skip.
+        ValueError: An option is invalid (the message lists the valid values),
+            or names a module the model does not have.
         RuntimeError: ``distributed=True`` without an initialised process group.
     """
     options = Options(
         logdir=Path(logdir) if isinstance(logdir, str) else logdir,
         on_alert=on_alert,
         patience=patience,
-        ignore=tuple(ignore) if not isinstance(ignore, str) else (ignore,),
-        checks=tuple(checks) if checks is not None else None,
-        masks=tuple((masks or {}).items()),
+        ignore=as_tuple(ignore),
+        checks=as_tuple(checks) if checks is not None else None,
+        masks=as_pairs(masks),
         track_zeros=track_zeros,
         zero_tol=zero_tol,
         stop_confidence=stop_confidence,
@@ -174,10 +179,8 @@ def gradwatch(
         symmetry_tol=symmetry_tol,
         activations=activations,
         dead_fraction=dead_fraction,
-        watch_outputs=tuple(watch_outputs)
-        if not isinstance(watch_outputs, str)
-        else (watch_outputs,),
-        unit_groups=dict(unit_groups or {}),
+        watch_outputs=as_tuple(watch_outputs),
+        unit_groups={} if unit_groups is None else unit_groups,
         explode_factor=explode_factor,
         vanish_factor=vanish_factor,
         norm_window=norm_window,
@@ -215,13 +218,20 @@ class Session:
     def __init__(self, model: nn.Module, options: Options) -> None:
         _check_model(model)
         model, wrapper = unwrap_ddp(model)
+        _check_module_names(model, options)
+        self._sharded = is_sharded(model)
+        if self._sharded:
+            options = sharded_options(options)
         self.options = options
-        self._ranks = find_rank_group(model, wrapper, options.distributed)
+        self._ranks = find_rank_group(
+            model, wrapper, options.distributed, self._sharded
+        )
         self._rank = current_rank()
         self._model: nn.Module | None = model
         self._book = AlertBook()
         self._hooks = HookSet()
         self._table = ParamTable(model, options.ignore)
+        _check_complex(model, self._table)
         self._clock = StepClock(self._table, self._end_step)
         self._trace = ForwardTrace(
             options, self._table, lambda: not self._clock.ending_in_forward
@@ -235,6 +245,8 @@ class Session:
         self._watched = 0
 
     def _build_detectors(self) -> list[Detector]:
+        if self._sharded:
+            return self._build_sharded_detectors()
         options = self.options
         detectors: list[Detector] = [
             GradientNorms(options),
@@ -265,6 +277,23 @@ class Session:
             sink.add_figure_source(self._masks.scalars)
             sink.add_figure_source(updates.figures)
             detectors.append(sink)
+        return detectors
+
+    def _build_sharded_detectors(self) -> list[Detector]:
+        """Build the checks that work on FSDP2 shards (``SHARDED_CHECKS``)."""
+        options = self.options
+        detectors: list[Detector] = [
+            GradientNorms(options),
+            self._trace,
+            DisconnectDetector(options, self._trace),
+            OptimizerDetector(options, self._clock),
+        ]
+        if self._ranks is not None:
+            detectors.append(RankGraphDetector(options, self._ranks))
+        logdir = self._rank_logdir()
+        if logdir is not None:
+            sink_options = dataclasses.replace(options, logdir=logdir)
+            detectors.append(TensorBoardSink(sink_options, self._book))
         return detectors
 
     def _rank_logdir(self) -> Path | None:
@@ -341,6 +370,9 @@ class Session:
         if self._closed or self._model is None:
             msg = "watch_mask() works only until the `with gradwatch(...)` block ends"
             raise RuntimeError(msg)
+        if self._sharded:
+            msg = "watch_mask() does not support FSDP2 (fully_shard) models yet"
+            raise NotImplementedError(msg)
         self._masks.watch(self._model, param, mask, mode, in_graph=in_graph)
 
     # Context manager
@@ -481,6 +513,33 @@ def _user_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return level
+
+
+def _check_module_names(model: nn.Module, options: Options) -> None:
+    """Raise now, not at ``with``, if a module name in the options matches nothing."""
+    resolve_modules(model, options.watch_outputs)
+    resolve_modules(model, tuple(options.unit_groups))
+
+
+def _check_complex(model: nn.Module, table: ParamTable) -> None:
+    """Raise for a trainable complex parameter that ``ignore`` does not skip."""
+    found = [
+        (name, param)
+        for name, param in model.named_parameters()
+        if param.is_complex() and param.requires_grad and not table.ignores(name)
+    ]
+    if not found:
+        return
+    name, param = found[0]
+    module = name.rpartition(".")[0]
+    pattern = f"{module}.*" if module else name
+    msg = (
+        f"parameter {name!r} has dtype {param.dtype}; gradwatch watches real "
+        f"floating-point parameters only ({len(found)} complex parameter(s) "
+        f"found). Skip them with ignore=[{pattern!r}], or hold them as real "
+        f"pairs (torch.view_as_real) in the model"
+    )
+    raise TypeError(msg)
 
 
 def _check_model(model: object) -> None:

@@ -23,6 +23,8 @@ def foreach_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if not tensors:
         return torch.zeros(0)
+    if any(_is_dtensor(t) for t in tensors):
+        return _combined_shard_norms(tensors)
     groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = defaultdict(list)
     for index, tensor in enumerate(tensors):
         groups[(tensor.device, tensor.dtype, tensor.is_sparse)].append(index)
@@ -40,6 +42,30 @@ def foreach_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             position = torch.tensor(indices, device=device)
             norms.index_copy_(0, position, group_norms.to(device))
     return norms
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "to_local")
+
+
+def _combined_shard_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Return full-tensor norms of FSDP2 shards: local norms, one all-reduce.
+
+    Every rank must call this with the same tensors in the same order, because
+    an all-reduce over the process group of the first DTensor's device mesh
+    sums the squared norms of the shards. The session checks when it starts
+    that the mesh is 1-D and that every DTensor is sharded on dim 0.
+    """
+    import torch.distributed as dist
+
+    sharded = [_is_dtensor(t) for t in tensors]
+    local = [t.to_local() if s else t for t, s in zip(tensors, sharded, strict=True)]
+    squares = foreach_norms(local).square()
+    mask = torch.tensor(sharded, device=squares.device)
+    summed = torch.where(mask, squares, torch.zeros_like(squares))
+    mesh = next(t for t, s in zip(tensors, sharded, strict=True) if s).device_mesh
+    dist.all_reduce(summed, group=mesh.get_group())
+    return torch.where(mask, summed, squares).sqrt()
 
 
 def _float32_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,21 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from gradwatch import gradwatch
+from gradwatch.config import Options
+from gradwatch.distributed import SHARDED_CHECKS, sharded_options
+from gradwatch.errors import GradwatchWarning
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
     reason="torch.distributed with the gloo backend is not available",
 )
+
+try:
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+
+    FSDP2_AVAILABLE = True
+except ImportError:
+    FSDP2_AVAILABLE = False
 
 WORLD_SIZE = 2
 STEPS = 4
@@ -118,6 +129,45 @@ def _scenario_unused_find_unused(rank: int, logdir: Path) -> dict:
     return {"alerts": _train(ddp, model, rank)}
 
 
+def _fully_shard(model: nn.Module, mesh=None) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in (model.a, model.b, model.c):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _scenario_fsdp(use_branch, rank: int, logdir: Path) -> dict:
+    torch.manual_seed(0)
+    model = _fully_shard(Net(use_branch))
+    names = [name for name, _ in model.named_parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        alerts = _train(model, model, rank, logdir=logdir / "fsdp")
+    warned = [str(w.message) for w in caught if "FSDP2" in str(w.message)]
+    return {"alerts": alerts, "names": names, "warnings": warned}
+
+
+def _scenario_fsdp_healthy(rank: int, logdir: Path) -> dict:
+    return _scenario_fsdp(_always, rank, logdir)
+
+
+def _scenario_fsdp_unused(rank: int, logdir: Path) -> dict:
+    return _scenario_fsdp(_never, rank, logdir)
+
+
+def _scenario_hsdp_rejected(rank: int, logdir: Path) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1, WORLD_SIZE), mesh_dim_names=("dp", "fs"))
+    model = _fully_shard(Net(_always), mesh=mesh)
+    try:
+        gradwatch(model)
+    except NotImplementedError as err:
+        return {"alerts": [], "error": str(err)}
+    return {"alerts": [], "error": None}
+
+
 SCENARIOS = {
     "healthy": _scenario_healthy,
     "events_per_rank": _scenario_events_per_rank,
@@ -126,6 +176,10 @@ SCENARIOS = {
     "branch_on_rank_1": _scenario_branch_on_rank_1,
     "zero_filled": _scenario_zero_filled,
 }
+if FSDP2_AVAILABLE:
+    SCENARIOS["fsdp_healthy"] = _scenario_fsdp_healthy
+    SCENARIOS["fsdp_unused"] = _scenario_fsdp_unused
+    SCENARIOS["hsdp_rejected"] = _scenario_hsdp_rejected
 
 
 def _rank_main(rank: int, port: int, out: str) -> None:
@@ -270,3 +324,52 @@ def test_distributed_true_needs_process_group():
 def test_distributed_option_rejects_non_bool():
     with pytest.raises(ValueError, match="distributed must be None, True or False"):
         gradwatch(nn.Linear(2, 2), distributed="yes")
+
+
+needs_fsdp2 = pytest.mark.skipif(
+    not FSDP2_AVAILABLE, reason="torch.distributed.fsdp.fully_shard is missing"
+)
+
+
+@needs_fsdp2
+def test_fsdp_keeps_names_and_is_silent(results):
+    for rank in range(WORLD_SIZE):
+        scenario = results[rank]["fsdp_healthy"]
+        assert "a.weight" in scenario["names"]
+        assert scenario["alerts"] == []
+        assert len(scenario["warnings"]) == 1
+        assert "symmetric_units" in scenario["warnings"][0]
+
+
+@needs_fsdp2
+def test_fsdp_unused_layer_reported(results):
+    for rank in range(WORLD_SIZE):
+        unused = _alerts(results, rank, "fsdp_unused", "unused_parameter")
+        assert sorted(a["param"] for a in unused) == ["b.bias", "b.weight"]
+        for alert in unused:
+            assert alert["ranks"] == [0, 1]
+    # Two FSDP runs wrote into this directory, each from rank 0 only.
+    events = list((results.out / "fsdp").glob("events.out.tfevents.*"))
+    assert len(events) == 2
+    _show(unused[0])
+
+
+@needs_fsdp2
+def test_hsdp_mesh_rejected(results):
+    for rank in range(WORLD_SIZE):
+        error = results[rank]["hsdp_rejected"]["error"]
+        assert error is not None
+        assert "2-D mesh" in error
+
+
+def test_sharded_options_reject_unit_checks():
+    options = Options(checks=("unused_parameter", "symmetric_units"))
+    with pytest.raises(NotImplementedError, match="symmetric_units"):
+        sharded_options(options)
+
+
+def test_sharded_options_keep_arrival_checks():
+    with pytest.warns(GradwatchWarning, match="do not run"):
+        options = sharded_options(Options())
+    assert set(options.checks) == set(SHARDED_CHECKS)
+    assert options.histogram_every == 0
