@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 
 from gradwatch.alerts import CHECKS
 
-__all__ = ["ON_ALERT_POLICIES", "UNIT_GROUP_KINDS", "Options"]
+__all__ = ["ON_ALERT_POLICIES", "UNIT_GROUP_KINDS", "Options", "as_pairs", "as_tuple"]
 
 ON_ALERT_POLICIES = ("warn", "raise", "ignore")
 
@@ -168,7 +168,8 @@ def _check_masks(masks: object, track_zeros: object) -> None:
 
 def _check_numeric_options(options: Options) -> None:
     factor = options.explode_factor
-    if isinstance(factor, bool) or not isinstance(factor, int | float) or factor <= 1:
+    number = isinstance(factor, int | float) and not isinstance(factor, bool)
+    if not number or not factor > 1:  # ``not >`` also rejects NaN
         msg = f"explode_factor must be a number > 1, got {factor!r}"
         raise ValueError(msg)
     _check_fraction("vanish_factor", options.vanish_factor)
@@ -212,12 +213,40 @@ def _check_checks(checks: object) -> tuple[str, ...] | None:
         return None
     if isinstance(checks, str):
         checks = (checks,)
-    unknown = [c for c in checks if c not in CHECKS]  # type: ignore[union-attr]
+    if not isinstance(checks, Sequence):
+        msg = (
+            "checks must be a check id or a sequence of check ids, such as "
+            f"('unused_parameter', 'mask_leak'), got {checks!r}"
+        )
+        raise ValueError(msg)
+    unknown = [c for c in checks if c not in CHECKS]
     if unknown:
         valid = ", ".join(CHECKS)
         msg = f"unknown check id(s) {unknown}; valid check ids are: {valid}"
         raise ValueError(msg)
     return tuple(checks)  # type: ignore[arg-type]
+
+
+def as_tuple(value: object) -> object:
+    """Return a string as a 1-tuple and another iterable (not a mapping) as a tuple.
+
+    Other values are returned unchanged, so that validation in :class:`Options`
+    rejects them with a message naming the option.
+    """
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Iterable) and not isinstance(value, Mapping | torch.Tensor):
+        return tuple(value)
+    return value
+
+
+def as_pairs(mapping: object) -> object:
+    """Return a mapping's items as a tuple of pairs; other values unchanged."""
+    if mapping is None:
+        return ()
+    if isinstance(mapping, Mapping):
+        return tuple(mapping.items())
+    return mapping
 
 
 def _check_logdir(logdir: object) -> Path | None:
@@ -232,6 +261,12 @@ def _check_logdir(logdir: object) -> Path | None:
         msg = f"logdir {str(path)!r} is a file; pass a directory for the event files"
         raise ValueError(msg)
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        msg = (
+            f"logdir {str(path)!r} cannot be created: {str(existing)!r} is a file, "
+            f"not a directory; pass a path below a directory"
+        )
+        raise ValueError(msg)
     if existing is not None and not os.access(existing, os.W_OK):
         msg = f"logdir {str(path)!r} is not writable: {str(existing)!r} denies writing"
         raise ValueError(msg)

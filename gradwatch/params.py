@@ -136,6 +136,10 @@ class ParamTable:
         handle = tensor.register_post_accumulate_grad_hook(lambda _: arrived.add(key))
         self._hooks.add(handle, key)
 
+    def ignores(self, name: str) -> bool:
+        """Return whether the ``ignore`` patterns skip the parameter ``name``."""
+        return self._is_ignored([name])
+
     def _is_ignored(self, names: list[str]) -> bool:
         candidates = set()
         for name in names:

@@ -92,8 +92,8 @@ def check_mask(mask: object, param: nn.Parameter, name: str) -> torch.Tensor:
 
     Raises:
         TypeError: ``mask`` is not a tensor, or has a complex dtype.
-        ValueError: ``mask`` does not broadcast to ``param``, or contains values
-            other than 0 and 1.
+        ValueError: ``mask`` is on the meta device, does not broadcast to
+            ``param``, or contains values other than 0 and 1.
     """
     if not isinstance(mask, torch.Tensor):
         msg = (
@@ -107,6 +107,12 @@ def check_mask(mask: object, param: nn.Parameter, name: str) -> torch.Tensor:
             f"got {mask.dtype} with layout {mask.layout}"
         )
         raise TypeError(msg)
+    if mask.is_meta:
+        msg = (
+            f"the mask of `{name}` is on the meta device and has no values; build "
+            f"it on {param.device} (or the CPU) from the values it should keep"
+        )
+        raise ValueError(msg)
     _check_shape(mask, param, name)
     if not is_binary(mask):
         msg = (

@@ -63,7 +63,14 @@ def _summary_writer(logdir: Path) -> Any:
             "logdir=None"
         )
         raise ImportError(msg) from err
-    return SummaryWriter(log_dir=str(logdir))
+    try:
+        return SummaryWriter(log_dir=str(logdir))
+    except OSError as err:
+        msg = (
+            f"cannot create logdir {str(logdir)!r}: {err.strerror or err}; pass a "
+            f"directory you can write to, or logdir=None"
+        )
+        raise ValueError(msg) from err
 
 
 def histogram_summary(tensor: torch.Tensor, bins: int = HISTOGRAM_BINS) -> torch.Tensor:
