@@ -14,6 +14,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -373,3 +375,37 @@ def test_sharded_options_keep_arrival_checks():
         options = sharded_options(Options())
     assert set(options.checks) == set(SHARDED_CHECKS)
     assert options.histogram_every == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fault", "check"),
+    [("unused", "unused_parameter"), ("rank-branch", "rank_dependent_graph")],
+)
+def test_ddp_example_under_torchrun(fault, check, tmp_path):
+    script = Path(__file__).parents[1] / "examples" / "train_ddp.py"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(WORLD_SIZE),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        str(script),
+        "--fault",
+        fault,
+        "--steps",
+        "5",
+        "--logdir",
+        str(tmp_path / "tb"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"] {check} `extra_head.weight`" in done.stdout
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
