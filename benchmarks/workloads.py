@@ -77,7 +77,13 @@ def w3_gpt2(seed: int) -> Workload:
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=4, n_embd=256, n_head=4, vocab_size=5000, n_positions=128
+        n_layer=4,
+        n_embd=256,
+        n_head=4,
+        vocab_size=5000,
+        n_positions=128,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     model = GPT2LMHeadModel(config)
     tokens = torch.randint(0, 5000, (8, 128))
