@@ -2,7 +2,8 @@
 
 One job of two forked processes runs every scenario in turn, because forking
 pays the cost of starting torch once per job. Each rank writes its alerts to a
-JSON file that the tests read.
+JSON file that the tests read. The job takes about 10 s on two CPU cores, so
+the tests that read it are marked slow; CI runs them.
 """
 
 from __future__ import annotations
@@ -170,6 +171,13 @@ def _scenario_hsdp_rejected(rank: int, logdir: Path) -> dict:
     return {"alerts": [], "error": None}
 
 
+def _scenario_compiled_ddp(rank: int, logdir: Path) -> dict:
+    torch.manual_seed(0)
+    ddp = nn.parallel.DistributedDataParallel(Net(_never), static_graph=True)
+    runner = torch.compile(ddp, backend="eager")
+    return {"alerts": _train(runner, runner, rank)}
+
+
 SCENARIOS = {
     "healthy": _scenario_healthy,
     "events_per_rank": _scenario_events_per_rank,
@@ -177,6 +185,7 @@ SCENARIOS = {
     "unused_find_unused": _scenario_unused_find_unused,
     "branch_on_rank_1": _scenario_branch_on_rank_1,
     "zero_filled": _scenario_zero_filled,
+    "compiled_ddp": _scenario_compiled_ddp,
 }
 if FSDP2_AVAILABLE:
     SCENARIOS["fsdp_healthy"] = _scenario_fsdp_healthy
@@ -259,23 +268,27 @@ def _show(alert: dict) -> None:
     print(f"[{alert['check']} on ranks {alert['ranks']}] {alert['message']}")  # noqa: T201
 
 
+@pytest.mark.slow
 def test_ddp_healthy_run_is_silent(results):
     for rank in range(WORLD_SIZE):
         assert results[rank]["healthy"]["alerts"] == []
 
 
+@pytest.mark.slow
 def test_ddp_only_rank_0_writes_events(results):
     events = sorted((results.out / "healthy").rglob("events.out.tfevents.*"))
     assert len(events) == 1
     assert events[0].parent == results.out / "healthy"
 
 
+@pytest.mark.slow
 def test_ddp_log_all_ranks_writes_per_rank(results):
     for rank in range(WORLD_SIZE):
         folder = results.out / "all" / f"rank{rank}"
         assert len(list(folder.glob("events.out.tfevents.*"))) == 1
 
 
+@pytest.mark.slow
 def test_ddp_layer_unused_on_every_rank(results):
     for rank in range(WORLD_SIZE):
         unused = _alerts(results, rank, "unused_everywhere", "unused_parameter")
@@ -287,6 +300,7 @@ def test_ddp_layer_unused_on_every_rank(results):
     _show(unused[0])
 
 
+@pytest.mark.slow
 def test_ddp_branch_taken_only_on_rank_1(results):
     for rank in range(WORLD_SIZE):
         found = _alerts(results, rank, "branch_on_rank_1", "rank_dependent_graph")
@@ -298,6 +312,7 @@ def test_ddp_branch_taken_only_on_rank_1(results):
     _show(found[0])
 
 
+@pytest.mark.slow
 def test_ddp_zero_filled_gradient_still_reported(results):
     for rank in range(WORLD_SIZE):
         assert results[rank]["zero_filled"]["b_has_grad"]
@@ -309,6 +324,7 @@ def test_ddp_zero_filled_gradient_still_reported(results):
     _show(found[0])
 
 
+@pytest.mark.slow
 def test_ddp_unused_layer_with_find_unused_parameters(results):
     for rank in range(WORLD_SIZE):
         unused = _alerts(results, rank, "unused_find_unused", "unused_parameter")
@@ -333,6 +349,7 @@ needs_fsdp2 = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 @needs_fsdp2
 def test_fsdp_keeps_names_and_is_silent(results):
     for rank in range(WORLD_SIZE):
@@ -343,6 +360,7 @@ def test_fsdp_keeps_names_and_is_silent(results):
         assert "symmetric_units" in scenario["warnings"][0]
 
 
+@pytest.mark.slow
 @needs_fsdp2
 def test_fsdp_unused_layer_reported(results):
     for rank in range(WORLD_SIZE):
@@ -356,6 +374,7 @@ def test_fsdp_unused_layer_reported(results):
     _show(unused[0])
 
 
+@pytest.mark.slow
 @needs_fsdp2
 def test_hsdp_mesh_rejected(results):
     for rank in range(WORLD_SIZE):
@@ -375,6 +394,36 @@ def test_sharded_options_keep_arrival_checks():
         options = sharded_options(Options())
     assert set(options.checks) == set(SHARDED_CHECKS)
     assert options.histogram_every == 0
+
+
+@pytest.mark.slow
+def test_compiled_ddp_unused_layer_reported(results):
+    for rank in range(WORLD_SIZE):
+        unused = _alerts(results, rank, "compiled_ddp", "unused_parameter")
+        assert sorted(a["param"] for a in unused) == ["b.bias", "b.weight"]
+        for alert in unused:
+            assert alert["ranks"] == [0, 1]
+
+
+def test_single_rank_group_runs_no_collective():
+    """A one-rank process group has nothing to combine, so nothing can hang."""
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = Net(_never)
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        with gradwatch(ddp, on_alert="ignore") as gw:
+            assert gw._ranks is None
+            for _ in range(STEPS):
+                optimizer.zero_grad()
+                ddp(torch.randn(8, 4)).sum().backward()
+                optimizer.step()
+    finally:
+        dist.destroy_process_group()
+    unused = sorted(a.param for a in gw.alerts if a.check == "unused_parameter")
+    assert unused == ["b.bias", "b.weight"]
+    assert all(a.ranks == (0,) for a in gw.alerts)
 
 
 @pytest.mark.slow
