@@ -34,12 +34,13 @@ def _tiny_gpt2():
     return transformers.GPT2LMHeadModel(config)
 
 
-def _hf_train(model, tmp_path, callback, report_to=()):
+def _hf_train(model, tmp_path, callback, report_to=(), accumulation=1):
     transformers = pytest.importorskip("transformers")
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"),
         max_steps=STEPS,
         per_device_train_batch_size=4,
+        gradient_accumulation_steps=accumulation,
         learning_rate=1e-3,
         report_to=list(report_to),
         save_strategy="no",
@@ -51,7 +52,7 @@ def _hf_train(model, tmp_path, callback, report_to=()):
     trainer = transformers.Trainer(
         model=model,
         args=args,
-        train_dataset=_token_batches(4 * STEPS),
+        train_dataset=_token_batches(4 * STEPS * accumulation),
         callbacks=[callback],
     )
     trainer.train()
@@ -64,6 +65,15 @@ def test_transformers_healthy_run_is_silent(tmp_path):
     callback = GradwatchCallback(on_alert="ignore")
     _hf_train(_tiny_gpt2(), tmp_path, callback)
     assert callback.session.closed
+    assert callback.session.step == STEPS
+    assert callback.alerts == []
+
+
+def test_transformers_accumulation_counts_optimizer_steps(tmp_path):
+    from gradwatch.integrations.transformers import GradwatchCallback
+
+    callback = GradwatchCallback(on_alert="ignore")
+    _hf_train(_tiny_gpt2(), tmp_path, callback, accumulation=2)
     assert callback.session.step == STEPS
     assert callback.alerts == []
 
@@ -119,7 +129,7 @@ def _lightning_module(unused_head: bool):
     return Classifier()
 
 
-def _lightning_fit(module, tmp_path, callback, logger=False):
+def _lightning_fit(module, tmp_path, callback, logger=False, precision="32-true"):
     lightning = pytest.importorskip("lightning.pytorch")
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(16 * STEPS, 8, generator=generator)
@@ -129,6 +139,7 @@ def _lightning_fit(module, tmp_path, callback, logger=False):
     )
     trainer = lightning.Trainer(
         max_steps=STEPS,
+        precision=precision,
         accelerator="cpu",
         devices=1,
         logger=logger,
@@ -142,12 +153,13 @@ def _lightning_fit(module, tmp_path, callback, logger=False):
     return trainer
 
 
-def test_lightning_healthy_run_is_silent(tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_lightning_healthy_run_is_silent(tmp_path, precision):
     module = _lightning_module(unused_head=False)
     from gradwatch.integrations.lightning import GradwatchCallback
 
     callback = GradwatchCallback(on_alert="ignore")
-    _lightning_fit(module, tmp_path, callback)
+    _lightning_fit(module, tmp_path, callback, precision=precision)
     assert callback.session.closed
     assert callback.session.step == STEPS
     assert callback.alerts == []
