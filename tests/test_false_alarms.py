@@ -391,7 +391,7 @@ def test_sampled_head_first_drawn_late_is_silent(digits):
 
 def test_randomly_skipped_layer_long_gap_is_silent(digits):
     # A layer kept with probability 0.7 misses 6 steps in a row after step 36;
-    # over 37 steps such a run has a chance of about 1 in 20 (0.3^6 per step).
+    # a run that long comes up within 37 steps about once in 60 runs.
     pattern = "xxxxxxxxx.xxx.xxxxxxx.xx.xxxx.xxx..xx......x.x.xxx"
     schedule = [(0, 1) if used == "x" else (1,) for used in pattern]
     model, train_step = train_scheduled(digits, schedule, heads=2)
