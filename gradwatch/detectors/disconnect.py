@@ -10,7 +10,7 @@ Limitations:
     model get gradients on some steps only (layer drop, sampled task heads,
     mixture experts), a parameter must go without a gradient for as many steps
     as the least used of them could skip by chance before it counts as unused,
-    so a truly unused layer in such a model is reported later (about 17 steps
+    so a truly unused layer in such a model is reported later (about 19 steps
     when the least used branch runs every other step). In a model whose every
     step uses the same parameters, ``patience`` steps suffice. Until some
     parameter has both received and missed a gradient, nothing shows that the
