@@ -7,8 +7,9 @@ Launch it with torchrun::
 
 ``--fault unused`` adds a head that no rank calls (an ``unused_parameter``
 alert on every rank); ``--fault rank-branch`` calls it on rank 1 only (a
-``rank_dependent_graph`` alert). Both faults need ``find_unused_parameters=True``,
-without which DDP itself stops with a reducer error. Rank 0 writes the
+``unused_parameter`` warning on rank 0 only, scope ``some_ranks``). Both
+faults need ``find_unused_parameters=True``, without which DDP itself stops
+with a reducer error. Rank 0 writes the
 TensorBoard event files under ``--logdir``.
 """
 

@@ -28,7 +28,6 @@ CHECKS: dict[str, Severity] = {
     "nonfinite_gradient": "error",
     "exploding_gradient": "warning",
     "vanishing_gradient": "warning",
-    "rank_dependent_graph": "warning",
 }
 
 

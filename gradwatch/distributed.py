@@ -56,7 +56,6 @@ SHARDED_CHECKS = (
     "graph_cut",
     "not_in_optimizer",
     "unregistered_parameter",
-    "rank_dependent_graph",
 )
 
 
@@ -290,10 +289,11 @@ class _RankStreak:
 class RankGraphDetector(Detector):
     """Flag parameters whose gradient arrives on some ranks and not on others.
 
-    Check: ``rank_dependent_graph``. DDP raises a reducer error on such a graph
-    unless ``find_unused_parameters`` or ``static_graph`` is set; with either,
-    it averages zeros from the ranks that skipped the parameter into its
-    gradient.
+    Check: ``unused_parameter`` as a warning with ``data["scope"] ==
+    "some_ranks"`` and ``ranks`` naming the ranks without a gradient. DDP raises
+    a reducer error on such a graph unless ``find_unused_parameters`` or
+    ``static_graph`` is set; with either, it averages zeros from the ranks that
+    skipped the parameter into its gradient.
 
     Limitations:
         A mixture of experts whose routing leaves an expert without tokens on
@@ -335,12 +335,17 @@ class RankGraphDetector(Detector):
             f"to learn."
         )
         ctx.alert(
-            "rank_dependent_graph",
+            "unused_parameter",
             message,
             param=info,
             step=ctx.step - steps + 1,
+            severity="warning",
             ranks=tuple(sorted(missing)),
-            data={"ranks_with_gradient": sorted(arrived), "steps": steps},
+            data={
+                "scope": "some_ranks",
+                "ranks_with_gradient": sorted(arrived),
+                "steps": steps,
+            },
         )
 
 

@@ -296,19 +296,20 @@ def test_ddp_layer_unused_on_every_rank(results):
         for alert in unused:
             assert alert["ranks"] == [0, 1]
             assert "on any of the 2 ranks" in alert["message"]
-        assert not _alerts(results, rank, "unused_everywhere", "rank_dependent_graph")
+        assert all("scope" not in a["data"] for a in unused)
     _show(unused[0])
 
 
 @pytest.mark.slow
 def test_ddp_branch_taken_only_on_rank_1(results):
     for rank in range(WORLD_SIZE):
-        found = _alerts(results, rank, "branch_on_rank_1", "rank_dependent_graph")
+        found = _alerts(results, rank, "branch_on_rank_1", "unused_parameter")
         assert sorted(a["param"] for a in found) == ["b.bias", "b.weight"]
         for alert in found:
             assert alert["ranks"] == [0]
+            assert alert["severity"] == "warning"
+            assert alert["data"]["scope"] == "some_ranks"
             assert alert["data"]["ranks_with_gradient"] == [1]
-        assert not _alerts(results, rank, "branch_on_rank_1", "unused_parameter")
     _show(found[0])
 
 
@@ -316,10 +317,11 @@ def test_ddp_branch_taken_only_on_rank_1(results):
 def test_ddp_zero_filled_gradient_still_reported(results):
     for rank in range(WORLD_SIZE):
         assert results[rank]["zero_filled"]["b_has_grad"]
-        found = _alerts(results, rank, "zero_filled", "rank_dependent_graph")
+        found = _alerts(results, rank, "zero_filled", "unused_parameter")
         assert sorted(a["param"] for a in found) == ["b.bias", "b.weight"]
         for alert in found:
             assert alert["ranks"] == [0]
+            assert alert["data"]["scope"] == "some_ranks"
         assert not _alerts(results, rank, "zero_filled", "zero_gradient")
     _show(found[0])
 
@@ -429,7 +431,7 @@ def test_single_rank_group_runs_no_collective():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("fault", "check"),
-    [("unused", "unused_parameter"), ("rank-branch", "rank_dependent_graph")],
+    [("unused", "unused_parameter"), ("rank-branch", "unused_parameter")],
 )
 def test_ddp_example_under_torchrun(fault, check, tmp_path):
     script = Path(__file__).parents[1] / "examples" / "train_ddp.py"
