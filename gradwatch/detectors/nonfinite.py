@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from gradwatch.graph import iter_tensors
-from gradwatch.handles import HookSet
+from gradwatch.handles import HookSet, eager_hook
 
 if TYPE_CHECKING:
     from gradwatch.params import ParamInfo
@@ -173,8 +173,8 @@ class GradientProbe:
             self._names = {}
             for name, module in model.named_modules():
                 self._names[id(module)] = name
-                pre = module.register_forward_pre_hook(self._on_inputs)
-                post = module.register_forward_hook(self._on_output)
+                pre = module.register_forward_pre_hook(eager_hook(self._on_inputs))
+                post = module.register_forward_hook(eager_hook(self._on_output))
                 self._module_hooks.extend([pre, post])
         for info in infos:
             record = _Tensor(param=info.name)
