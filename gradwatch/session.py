@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
-import sys
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -31,8 +28,8 @@ from gradwatch.detectors.norms import GradientScaleDetector
 from gradwatch.detectors.numeric import NonFiniteDetector
 from gradwatch.detectors.optimizer import OptimizerDetector
 from gradwatch.detectors.symmetry import SymmetryDetector
-from gradwatch.detectors.units import resolve_modules
 from gradwatch.detectors.updates import UpdateSizeDetector
+from gradwatch.dispatch import dispatch
 from gradwatch.distributed import (
     RankGraphDetector,
     current_rank,
@@ -41,20 +38,17 @@ from gradwatch.distributed import (
     sharded_options,
     unwrap_ddp,
 )
-from gradwatch.errors import GradwatchError, GradwatchWarning, warning_class_for
 from gradwatch.handles import HookSet
 from gradwatch.params import ParamTable
 from gradwatch.report import format_report
 from gradwatch.sinks.tensorboard import TensorBoardSink
 from gradwatch.stats import GradientNorms
+from gradwatch.validation import check_complex, check_model, check_module_names
 
 __all__ = ["Session", "StepIndex", "gradwatch"]
 
-logger = logging.getLogger("gradwatch")
 
 AlertCallback = Callable[[Alert], None]
-
-_INTERNAL_DIRS = (str(Path(__file__).parent), str(Path(torch.__file__).parent))
 
 
 def gradwatch(
@@ -216,9 +210,9 @@ class Session:
     """A running watch over one model; build it with :func:`gradwatch`."""
 
     def __init__(self, model: nn.Module, options: Options) -> None:
-        _check_model(model)
+        check_model(model)
         model, wrapper = unwrap_ddp(model)
-        _check_module_names(model, options)
+        check_module_names(model, options)
         self._sharded = is_sharded(model)
         if self._sharded:
             options = sharded_options(options)
@@ -231,7 +225,7 @@ class Session:
         self._book = AlertBook()
         self._hooks = HookSet()
         self._table = ParamTable(model, options.ignore)
-        _check_complex(model, self._table)
+        check_complex(model, self._table)
         self._clock = StepClock(self._table, self._end_step)
         self._trace = ForwardTrace(
             options, self._table, lambda: not self._clock.ending_in_forward
@@ -484,90 +478,5 @@ class Session:
     # Alerts
 
     def _emit(self, alert: Alert) -> None:
-        if not self._book.record(alert):
-            return
-        policy = self.options.on_alert
-        if callable(policy):
-            policy(alert)
-        elif policy == "raise" and alert.severity == "error":
-            raise GradwatchError(str(alert), alert)
-        elif policy in ("warn", "raise"):
-            _warn(alert)
-
-
-def _warn(alert: Alert) -> None:
-    if alert.severity == "info":
-        logger.info("%s", alert)
-        return
-    level = logging.ERROR if alert.severity == "error" else logging.WARNING
-    logger.log(level, "%s", alert)
-    category: type[GradwatchWarning] = warning_class_for(alert.check)
-    warnings.warn(str(alert), category, stacklevel=_user_stacklevel())
-
-
-def _user_stacklevel() -> int:
-    """Return the stacklevel of the first frame outside gradwatch and torch."""
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
-        frame = frame.f_back
-        level += 1
-    return level
-
-
-def _check_module_names(model: nn.Module, options: Options) -> None:
-    """Raise now, not at ``with``, if a module name in the options matches nothing."""
-    resolve_modules(model, options.watch_outputs)
-    resolve_modules(model, tuple(options.unit_groups))
-
-
-def _check_complex(model: nn.Module, table: ParamTable) -> None:
-    """Raise for a trainable complex parameter that ``ignore`` does not skip."""
-    found = [
-        (name, param)
-        for name, param in model.named_parameters()
-        if param.is_complex() and param.requires_grad and not table.ignores(name)
-    ]
-    if not found:
-        return
-    name, param = found[0]
-    module = name.rpartition(".")[0]
-    pattern = f"{module}.*" if module else name
-    msg = (
-        f"parameter {name!r} has dtype {param.dtype}; gradwatch watches real "
-        f"floating-point parameters only ({len(found)} complex parameter(s) "
-        f"found). Skip them with ignore=[{pattern!r}], or hold them as real "
-        f"pairs (torch.view_as_real) in the model"
-    )
-    raise TypeError(msg)
-
-
-def _check_model(model: object) -> None:
-    if isinstance(model, type) and issubclass(model, nn.Module):
-        msg = (
-            f"gradwatch() takes a module instance, got the class {model.__name__}; "
-            f"instantiate it first: gradwatch({model.__name__}(...))"
-        )
-        raise TypeError(msg)
-    if not isinstance(model, nn.Module):
-        msg = (
-            f"gradwatch() takes a torch.nn.Module, got {type(model).__name__}; pass "
-            f"the model whose parameters you train"
-        )
-        raise TypeError(msg)
-    params = list(model.parameters())
-    meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if meta:
-        msg = (
-            f"parameter {meta[0]!r} is on the meta device and has no data to watch; "
-            f"materialise the model first (model.to_empty(device=...) and "
-            f"initialise it, or load a checkpoint)"
-        )
-        raise ValueError(msg)
-    if not any(p.requires_grad for p in params):
-        warnings.warn(
-            f"{type(model).__name__} has no trainable parameters "
-            f"(requires_grad=True); gradwatch has nothing to watch",
-            GradwatchWarning,
-            stacklevel=3,
-        )
+        if self._book.record(alert):
+            dispatch(alert, self.options.on_alert)
