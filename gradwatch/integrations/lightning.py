@@ -19,7 +19,6 @@ gradwatch's tags in the same run as the module's own logs.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 try:
@@ -32,62 +31,28 @@ except ImportError as err:
     )
     raise ImportError(msg) from err
 
-from gradwatch.alerts import Alert
-from gradwatch.session import Session, gradwatch
+from gradwatch.integrations.holder import SessionHolder
 
 __all__ = ["GradwatchCallback"]
 
-logger = logging.getLogger(__name__)
 
-
-class GradwatchCallback(Callback):
+class GradwatchCallback(SessionHolder, Callback):
     """Watch the LightningModule for the whole of ``trainer.fit()``.
 
     Args:
         **options: Keyword options of :func:`gradwatch.gradwatch`.
     """
 
-    def __init__(self, **options: Any) -> None:
-        self.options = options
-        self.session: Session | None = None
-
-    @property
-    def alerts(self) -> list[Alert]:
-        """The alerts of the current or last session (empty before fitting)."""
-        return self.session.alerts if self.session is not None else []
-
-    def report(self) -> str:
-        """Return the session's readable summary of every alert."""
-        if self.session is None:
-            return "gradwatch: fitting has not started, no session ran."
-        return self.session.report()
-
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._end(None)
-        options = dict(self.options)
-        logdir = _tensorboard_dir(trainer)
-        if "logdir" not in options and logdir is not None:
-            options["logdir"] = logdir
-        self.session = gradwatch(pl_module, **options).__enter__()
+        self._start(pl_module, _tensorboard_dir(trainer))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._end(None):
-            logger.info("%s", self.session.report())
+        self._finish()
 
     def on_exception(
         self, trainer: Any, pl_module: Any, exception: BaseException
     ) -> None:
         self._end(exception)
-
-    def _end(self, exception: BaseException | None) -> bool:
-        """End the running session; return False when none was running."""
-        if self.session is None or self.session.closed:
-            return False
-        if exception is None:
-            self.session.__exit__(None, None, None)
-        else:
-            self.session.__exit__(type(exception), exception, exception.__traceback__)
-        return True
 
 
 def _tensorboard_dir(trainer: Any) -> str | None:

@@ -24,7 +24,6 @@ Limitations:
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -37,55 +36,27 @@ except ImportError as err:
     )
     raise ImportError(msg) from err
 
-from gradwatch.alerts import Alert
-from gradwatch.session import Session, gradwatch
+from gradwatch.integrations.holder import SessionHolder
 
 __all__ = ["GradwatchCallback"]
 
-logger = logging.getLogger(__name__)
 
-
-class GradwatchCallback(TrainerCallback):
+class GradwatchCallback(SessionHolder, TrainerCallback):
     """Watch the Trainer's model for the whole of ``trainer.train()``.
 
     Args:
         **options: Keyword options of :func:`gradwatch.gradwatch`.
     """
 
-    def __init__(self, **options: Any) -> None:
-        self.options = options
-        self.session: Session | None = None
-
-    @property
-    def alerts(self) -> list[Alert]:
-        """The alerts of the current or last session (empty before training)."""
-        return self.session.alerts if self.session is not None else []
-
-    def report(self) -> str:
-        """Return the session's readable summary of every alert."""
-        if self.session is None:
-            return "gradwatch: training has not started, no session ran."
-        return self.session.report()
-
     def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
         if model is None:
             msg = "the Trainer passed no model to on_train_begin; gradwatch cannot run"
             raise RuntimeError(msg)
-        self.close()
-        options = dict(self.options)
-        if "logdir" not in options and _reports_to_tensorboard(args):
-            options["logdir"] = _tensorboard_dir(args)
-        self.session = gradwatch(model, **options).__enter__()
+        logdir = _tensorboard_dir(args) if _reports_to_tensorboard(args) else None
+        self._start(model, logdir)
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
-        if self.session is not None:
-            self.session.__exit__(None, None, None)
-            logger.info("%s", self.session.report())
-
-    def close(self) -> None:
-        """End a session that training left running (after an exception)."""
-        if self.session is not None and not self.session.closed:
-            self.session.__exit__(None, None, None)
+        self._finish()
 
 
 def _tensorboard_dir(args: Any) -> str:
