@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -80,3 +81,20 @@ class HookSet:
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
+
+
+class CloseOnRemove:
+    """A removal token that closes an object, for a session's :class:`HookSet`.
+
+    Detectors that install and remove their own hooks step by step add one of
+    these to the session's hooks, so that the session's exit also closes them.
+    The object is held weakly.
+    """
+
+    def __init__(self, owner: object) -> None:
+        self._owner = weakref.ref(owner)
+
+    def remove(self) -> None:
+        owner = self._owner()
+        if owner is not None:
+            owner.close()  # type: ignore[attr-defined]

@@ -41,7 +41,7 @@ from torch import nn
 from gradwatch.detectors.base import Detector, StepContext
 from gradwatch.detectors.units import is_check_step, resolve_modules
 from gradwatch.graph import iter_tensors
-from gradwatch.handles import HookSet, eager_hook
+from gradwatch.handles import CloseOnRemove, HookSet, eager_hook
 
 if TYPE_CHECKING:
     from gradwatch.config import Options
@@ -109,7 +109,7 @@ class CollapseDetector(Detector):
     def attach(self, model: nn.Module, hooks: HookSet) -> None:
         resolve_modules(model, self.options.watch_outputs)
         self._model = weakref.ref(model)
-        hooks.add(_Remover(self))
+        hooks.add(CloseOnRemove(self))
 
     def begin_step(self, step: int) -> None:
         self._calls = {}
@@ -214,15 +214,3 @@ class CollapseDetector(Detector):
                 "width": width,
             },
         )
-
-
-class _Remover:
-    """Adapter so that the session's hook set also removes this detector's hooks."""
-
-    def __init__(self, detector: CollapseDetector) -> None:
-        self._detector = weakref.ref(detector)
-
-    def remove(self) -> None:
-        detector = self._detector()
-        if detector is not None:
-            detector.close()

@@ -37,7 +37,7 @@ from torch import nn
 
 from gradwatch.detectors.base import Detector, StepContext
 from gradwatch.detectors.units import UnitLayout, find_layouts, is_check_step
-from gradwatch.handles import HookSet, eager_hook
+from gradwatch.handles import CloseOnRemove, HookSet, eager_hook
 from gradwatch.transfer import Pending
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class DeadUnitsDetector(Detector):
 
     def attach(self, model: nn.Module, hooks: HookSet) -> None:
         self._model = weakref.ref(model)
-        hooks.add(_Remover(self))
+        hooks.add(CloseOnRemove(self))
         if self._clock is not None:
             self._clock.on_before_step(self._before_optimizer_step)
 
@@ -356,15 +356,3 @@ def _nonzero_rows(module: nn.Module) -> torch.Tensor:
     if module.bias is not None:
         weighted = weighted | (module.bias.detach() != 0)
     return weighted
-
-
-class _Remover:
-    """Adapter so that the session's hook set also removes this detector's hooks."""
-
-    def __init__(self, detector: DeadUnitsDetector) -> None:
-        self._detector = weakref.ref(detector)
-
-    def remove(self) -> None:
-        detector = self._detector()
-        if detector is not None:
-            detector.close()

@@ -18,7 +18,7 @@ from torch import nn
 
 from gradwatch.detectors.base import Detector, StepContext
 from gradwatch.graph import GraphReach, iter_tensors, walk, walk_nodes
-from gradwatch.handles import HookSet, eager_hook
+from gradwatch.handles import CloseOnRemove, HookSet, eager_hook
 
 if TYPE_CHECKING:
     from gradwatch.config import Options
@@ -91,7 +91,7 @@ class ForwardTrace(Detector):
 
     def attach(self, model: nn.Module, hooks: HookSet) -> None:
         self._model = weakref.ref(model)
-        hooks.add(_Remover(self))
+        hooks.add(CloseOnRemove(self))
 
     def arm(self) -> None:
         """Trace the next step."""
@@ -250,18 +250,6 @@ class ForwardTrace(Detector):
                 module=module,
                 data={"name": name, "shape": list(leaf.shape)},
             )
-
-
-class _Remover:
-    """Adapter so that the session's hook set also removes the trace's hooks."""
-
-    def __init__(self, trace: ForwardTrace) -> None:
-        self._trace = weakref.ref(trace)
-
-    def remove(self) -> None:
-        trace = self._trace()
-        if trace is not None:
-            trace.close()
 
 
 def _has_trainable(module: nn.Module) -> bool:

@@ -44,7 +44,7 @@ from gradwatch.detectors.units import (
     resolve_modules,
 )
 from gradwatch.graph import iter_tensors
-from gradwatch.handles import HookSet, eager_hook
+from gradwatch.handles import CloseOnRemove, HookSet, eager_hook
 
 if TYPE_CHECKING:
     from gradwatch.config import Options
@@ -177,7 +177,7 @@ class SymmetryDetector(Detector):
     def attach(self, model: nn.Module, hooks: Hooks) -> None:
         resolve_modules(model, tuple(self.options.unit_groups))
         self._model = weakref.ref(model)
-        hooks.add(_Remover(self))
+        hooks.add(CloseOnRemove(self))
 
     def begin_step(self, step: int) -> None:
         self._recent = {}
@@ -347,15 +347,3 @@ _FIXES = {
         "one separately."
     ),
 }
-
-
-class _Remover:
-    """Adapter so that the session's hook set also removes this detector's hooks."""
-
-    def __init__(self, detector: SymmetryDetector) -> None:
-        self._detector = weakref.ref(detector)
-
-    def remove(self) -> None:
-        detector = self._detector()
-        if detector is not None:
-            detector.close()
