@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from gradwatch.detectors.base import Detector, StepContext
-from gradwatch.detectors.units import is_check_step, resolve_modules
+from gradwatch.detectors.units import resolve_modules, schedule_hooks
 from gradwatch.graph import iter_tensors
 from gradwatch.handles import CloseOnRemove, HookSet, eager_hook
 
@@ -113,11 +113,7 @@ class CollapseDetector(Detector):
 
     def begin_step(self, step: int) -> None:
         self._calls = {}
-        if is_check_step(step, self.options.symmetry_every):
-            if not len(self._hooks):
-                self._install()
-        else:
-            self._hooks.remove()
+        schedule_hooks(self._hooks, step, self.options.symmetry_every, self._install)
 
     def close(self) -> None:
         self._hooks.remove()

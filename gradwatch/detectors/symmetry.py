@@ -42,6 +42,7 @@ from gradwatch.detectors.units import (
     find_layouts,
     is_check_step,
     resolve_modules,
+    schedule_hooks,
 )
 from gradwatch.graph import iter_tensors
 from gradwatch.handles import CloseOnRemove, HookSet, eager_hook
@@ -181,11 +182,7 @@ class SymmetryDetector(Detector):
 
     def begin_step(self, step: int) -> None:
         self._recent = {}
-        if is_check_step(step, self.options.symmetry_every):
-            if not len(self._hooks):
-                self._install()
-        else:
-            self._hooks.remove()
+        schedule_hooks(self._hooks, step, self.options.symmetry_every, self._install)
 
     def close(self) -> None:
         self._hooks.remove()

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from gradwatch.handles import HookSet
 from gradwatch.params import ParamInfo, ParamTable
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "find_layouts",
     "is_check_step",
     "resolve_modules",
+    "schedule_hooks",
 ]
 
 #: Every step below this index is a check step, because the faults these checks
@@ -52,6 +54,17 @@ Piece = Callable[[bool], torch.Tensor | None]
 def is_check_step(step: int, every: int) -> bool:
     """Return whether the unit checks run at ``step``."""
     return step < FIRST_CHECK_STEPS or step % every == 0
+
+
+def schedule_hooks(
+    hooks: HookSet, step: int, every: int, install: Callable[[], None]
+) -> None:
+    """Install a detector's hooks for a check step, and remove them otherwise."""
+    if is_check_step(step, every):
+        if not len(hooks):
+            install()
+    else:
+        hooks.remove()
 
 
 @dataclasses.dataclass(eq=False)
