@@ -41,8 +41,8 @@ def block_steps(step_seconds: float, cadence: int, quick: bool) -> int:
     """Return a block length that is a multiple of ``cadence`` and lasts a while."""
     if quick:
         return cadence if cadence <= 10 else 2
-    wanted = max(1, math.ceil(MIN_BLOCK_SECONDS / max(step_seconds, 1e-6)))
-    return cadence * math.ceil(wanted / cadence)
+    minimum = max(1, math.ceil(MIN_BLOCK_SECONDS / max(step_seconds, 1e-6)))
+    return cadence * math.ceil(minimum / cadence)
 
 
 def time_block(step, steps: int) -> tuple[float, float]:
@@ -210,7 +210,7 @@ def print_table(result: dict, memory: dict[str, float]) -> None:
 
 
 def processor_name() -> str:
-    """Return the CPU model from /proc/cpuinfo, or what platform knows."""
+    """Return the CPU model from /proc/cpuinfo, else what ``platform`` reports."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -1,8 +1,8 @@
-"""What runs around the training step: gradwatch's modes and its peers.
+"""Variants that run around the training step: gradwatch's modes and its peers.
 
 Each variant is a function ``(workload, tmpdir) -> context manager`` plus the
 number of steps between two of its logging events (its cadence), so that a timed
-block always holds the same number of events. A peer whose package is missing
+block always contains the same number of events. A peer whose package is missing
 raises :class:`MissingPeer` with a note.
 """
 
@@ -22,7 +22,7 @@ from gradwatch import gradwatch
 
 
 class MissingPeer(RuntimeError):
-    """A peer's package is not installed; the message says which."""
+    """A peer's package is not installed. The message names the package."""
 
 
 @contextlib.contextmanager

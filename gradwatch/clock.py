@@ -1,6 +1,6 @@
 """The step clock: where one training step ends and the next begins.
 
-A step is one ``optimizer.step()`` of an optimizer that holds (or held) a
+A step is one ``optimizer.step()`` of an optimizer that contains (or contained) a
 parameter of the model, seen through torch's global optimizer step hooks, so the
 user need not pass the optimizer. Where no such optimizer ever steps, a forward of
 the root module after a backward ends the step; ``gw.step()`` ends it explicitly.

@@ -18,7 +18,7 @@ def eager_hook(hook: HookT) -> HookT:
     """Return ``hook`` marked to run eagerly inside ``torch.compile``'d code.
 
     TorchDynamo would otherwise trace gradwatch's own hook code into the user's
-    compiled graph, and recompile it whenever the hook's state changes; a
+    compiled graph, and recompile it whenever the hook's state changes. A
     disabled hook costs one graph break on the steps where it is installed. The
     wrapper keeps a bound method's ``__self__``, so the hook's owner can still
     be found from the module's hook dicts.

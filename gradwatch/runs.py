@@ -5,7 +5,7 @@ The file contains the alert list as JSON text (tag ``gradwatch/alerts_json``),
 rewritten whenever the alerts change, and the number of alerts per check as
 scalars (``gradwatch/alerts/<check>``). The last JSON value is the final state.
 Each event file is read as one run, because a directory reused by several
-sessions holds one file per session.
+sessions contains one file per session.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Run:
         counts: The last number of alerts per check, from the scalars.
         last_step: The highest step of any gradwatch record, or None.
         notes: Problems met while reading, such as a truncated file.
-        found: Whether the file holds any gradwatch record.
+        found: Whether the file contains any gradwatch record.
     """
 
     path: Path
@@ -165,7 +165,7 @@ def read_runs(root: Path) -> tuple[list[Run], list[Path]]:
         and the event files that hold none.
 
     Raises:
-        RunsError: ``root`` cannot be read or holds no event file.
+        RunsError: ``root`` cannot be read or contains no event file.
     """
     runs: list[Run] = []
     others: list[Path] = []

@@ -111,8 +111,8 @@ def gradwatch(
         zero_tol: A gradient whose norm is below ``zero_tol`` times both the median
             gradient norm of the model and the parameter's own norm counts as zero.
         stop_confidence: Expected number of gaps as long as the current one over
-            the steps so far, under the parameter's own arrival rate; below it,
-            ``gradient_stopped`` fires.
+            the steps so far, under the parameter's own arrival rate. When the
+            expected number falls below it, ``gradient_stopped`` fires.
         graph_walk_steps: Number of first steps whose forward is traced to locate
             graph cuts and unregistered parameters.
         log_every: Steps between TensorBoard scalar records.

@@ -4,8 +4,8 @@ Checks: ``unused_parameter``, ``gradient_stopped``, ``zero_gradient`` and
 ``graph_cut`` (where the path from the loss to the parameter is cut).
 
 Limitations:
-    A parameter is judged only at the steps of an optimizer that holds it (every
-    step when no optimizer holds it), so a generator and a discriminator that step
+    A parameter is judged only at the steps of an optimizer that contains it (every
+    step when no optimizer contains it), so a generator and a discriminator that step
     alternately are each judged on their own steps. Once some parameters of the
     model get gradients on some steps only (layer drop, sampled task heads,
     mixture experts), a parameter must go without a gradient for as many steps
@@ -114,7 +114,7 @@ class DisconnectDetector(Detector):
 
         A parameter that received a gradient in a fraction f of its earlier n
         steps misses k steps in a row by chance with probability about
-        (1 - f)^k at each step, so about n (1 - f)^k times over the run; the gap
+        (1 - f)^k at each step, so about n (1 - f)^k times over the run. The gap
         must make that expected count smaller than ``stop_confidence``. Counting
         the whole run keeps a layer dropped at random from tripping the check
         in a long run. The estimate f = arrivals / (n + 1) is never 1, so a short

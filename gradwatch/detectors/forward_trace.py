@@ -31,7 +31,7 @@ _KEPT_OUTPUTS = 4
 
 @dataclasses.dataclass
 class _Calls:
-    """What one module did during the traced forwards of a step."""
+    """Call counts and output nodes of one module in the traced forwards of a step."""
 
     grad_calls: int = 0
     nograd_calls: int = 0
@@ -41,7 +41,7 @@ class _Calls:
 
 @dataclasses.dataclass(frozen=True)
 class Cut:
-    """Where and how a parameter lost its path to the loss.
+    """Location and kind of the cut between a parameter and the loss.
 
     ``kind`` is one of:
 

@@ -60,7 +60,7 @@ _STATE = "gradient_scale"
 _SPARSE_LOOKUPS = (nn.Embedding, nn.EmbeddingBag)
 
 
-#: Once a history holds this many steps, its medians are recomputed only every
+#: Once a history contains this many steps, its medians are recomputed only every
 #: this many steps: a median over up to ``norm_window`` steps moves slowly, and
 #: sorting every history at every step cost about 3 µs per weight.
 _MEDIAN_REFRESH = 5
@@ -281,6 +281,6 @@ def _growing(rms: deque[float], steps: int) -> bool:
 
     A layer behind a zero-initialised one (the first layer of a residual branch
     whose last layer starts at zero) has a gradient that starts at zero and grows
-    as that layer learns; it is waking up, not vanishing.
+    as that layer learns. Such a layer is waking up, not vanishing.
     """
     return len(rms) >= steps and rms[-1] > 2.0 * rms[-steps]

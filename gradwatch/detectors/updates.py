@@ -72,8 +72,8 @@ class UpdateSizeDetector(Detector):
 
     def _scheduled(self) -> bool:
         # Without TensorBoard and bounds nothing reads the ratios: copy nothing.
-        wanted = self.options.logdir is not None or self.options.update_ratio_bounds
-        return bool(wanted) and self._step % self.options.log_every == 0
+        requested = self.options.logdir is not None or self.options.update_ratio_bounds
+        return bool(requested) and self._step % self.options.log_every == 0
 
     def _snapshot(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._scheduled():
