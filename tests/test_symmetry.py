@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from gradwatch import gradwatch
-from gradwatch.detectors.symmetry import group_units
+from gradwatch.detectors.symmetry import group_layers, group_units
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +97,57 @@ def test_all_zero_layer_is_one_group():
     zeros = torch.zeros(5, 3)
     labels = group_units([zeros], [zeros], 1e-4, _directions(3))
     assert labels.tolist() == [0] * 5
+
+
+def _near_twins(generator: torch.Generator, tol: float) -> torch.Tensor:
+    """Rows 1, 3, 5, 7 are rows 0, 2, 4, 6 moved by 0.5, 0.99, 1.01, 2 ``tol``."""
+    rows = torch.randn(12, 40, generator=generator)
+    step = torch.randn(40, generator=generator)
+    step = step / step.norm()
+    for pair, factor in enumerate((0.5, 0.99, 1.01, 2.0)):
+        source = rows[2 * pair]
+        rows[2 * pair + 1] = source + factor * tol * source.norm() * step
+    return rows
+
+
+def test_pair_selection_matches_dense_comparison():
+    generator = torch.Generator().manual_seed(5)
+    tol = 1e-3
+    layers_w, layers_g = [], []
+    for _ in range(6):
+        weights = _near_twins(generator, tol)
+        grads = weights * 0.5
+        layers_w.append([weights[:, :39], weights[:, 39:]])
+        layers_g.append([grads[:, :39], grads[:, 39:]])
+    layers_w[1][0][5:] = 0.0
+    layers_g[1][0][5:] = 0.0
+    layers_w[1][1][5:] = 0.0
+    layers_g[1][1][5:] = 0.0
+    layers_w[2][0][6, 3] = float("nan")
+    layers_w[3][0][7, 2] = float("inf")
+    layers_w[3][0][8, 2] = float("inf")
+    layers_g[4][0][:] = 0.0
+    layers_g[4][1][:] = 0.0
+    directions = _directions(39, 1)
+    sparse = group_layers(layers_w, layers_g, tol, directions, dense=False)
+    dense = group_layers(layers_w, layers_g, tol, directions, dense=True)
+    assert sparse.tolist() == dense.tolist()
+    assert sparse[0, :8].tolist() == [0, 0, 2, 2, 4, 5, 6, 7]
+
+
+def test_group_layers_matches_group_units():
+    generator = torch.Generator().manual_seed(6)
+    weights = [torch.randn(10, 8, generator=generator) for _ in range(3)]
+    weights[1][4:] = weights[1][0]
+    grads = [torch.ones(10, 8) for _ in range(3)]
+    directions = _directions(8)
+    together = group_layers(
+        [[w] for w in weights], [[g] for g in grads], 1e-4, directions
+    )
+    for layer, (w, g) in enumerate(zip(weights, grads, strict=True)):
+        alone = group_units([w], [g], 1e-4, directions)
+        assert together[layer].tolist() == alone.tolist()
+    assert together[1, 4:].tolist() == [0] * 6
 
 
 @pytest.mark.parametrize("units", [8192])
@@ -190,6 +241,55 @@ def test_constant_conv_alerts_per_channel(digits):
     assert found[1].data["units"] == 8
     assert found[1].data["distinct_units"] == 1
     assert "Conv2d" in found[1].message
+
+
+def _same_width_mlp() -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(64, 32), nn.Tanh()]
+    for _ in range(4):
+        layers += [nn.Linear(32, 32), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(32, 10))
+
+
+def _make_constant(*layers: nn.Linear) -> None:
+    """Give ``layers`` constant weights; the first one's units then stay equal.
+
+    The layer after it must be constant too, or its distinct columns would send
+    each unit a different gradient.
+    """
+    for layer in layers:
+        nn.init.constant_(layer.weight, 0.05)
+        nn.init.constant_(layer.bias, 0.1)
+
+
+def test_constant_layer_among_same_shapes_alerts(digits):
+    torch.manual_seed(0)
+    model = _same_width_mlp()
+    _make_constant(model[4], model[6])
+    gw = _train(model, digits, symmetry_every=1)
+    assert [a.param for a in _found(gw)] == ["4.weight"]
+
+
+def test_replaced_layer_is_checked(digits):
+    """A layer swapped in during training is checked from the next step."""
+    torch.manual_seed(0)
+    model = _same_width_mlp()
+    images, labels = digits
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch(model, on_alert="ignore", symmetry_every=1) as gw:
+        for step in range(16):
+            if step == 6:
+                model[4] = nn.Linear(32, 32)
+                model[6] = nn.Linear(32, 32)
+                _make_constant(model[4], model[6])
+                optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            batch = slice(step * 64, step * 64 + 64)
+            loss = F.cross_entropy(model(images[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    found = _found(gw)
+    assert [a.param for a in found] == ["4.weight"]
+    assert found[0].step == 6
 
 
 def test_cnn_default_init_is_silent(digits):

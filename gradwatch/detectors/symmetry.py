@@ -38,8 +38,9 @@ from torch import nn
 
 from gradwatch.detectors.base import Detector, StepContext
 from gradwatch.detectors.units import (
+    LayoutCache,
     UnitLayout,
-    find_layouts,
+    group_by_shape,
     is_check_step,
     resolve_modules,
     schedule_hooks,
@@ -55,8 +56,14 @@ if TYPE_CHECKING:
 __all__ = ["SymmetryDetector", "group_units"]
 
 _SHOWN_MEMBERS = 8
+# Figures per layer in a summary: distinct, largest, same as before, members.
+_SUMMARY = 3 + _SHOWN_MEMBERS
 _SEED_WEIGHTS = 0x5EED
 _SEED_GRADS = 0x6AD5
+_ROUNDING = torch.finfo(torch.float32).eps / 2
+# Pieces at most this wide (bias entries) are stacked across layers before they
+# are reduced; wider ones are reduced layer by layer.
+_STACKED_WIDTH = 16
 
 
 def group_units(
@@ -85,78 +92,182 @@ def group_units(
         A long tensor of unit indices on the matrices' device; a unit in no group
         is labelled with its own index.
     """
-    count = weights[0].shape[0]
-    index = torch.arange(count, device=weights[0].device)
-    norms_w = _squared_norms(weights)
-    norms_g = _squared_norms(grads)
-    key = _sort_key(weights, directions[0], norms_w) + _sort_key(
-        grads, directions[1], norms_g
-    )
-    order = torch.argsort(key, stable=True)
-    previous = torch.empty_like(order)
-    previous[order] = order.roll(1)
-    equal = _close(weights, previous, norms_w, tol) & _close(
-        grads, previous, norms_g, tol
-    )
-    start = ~equal[order]
-    start[0] = True
-    first = torch.cummax(torch.where(start, index, 0), dim=0).values
-    labels = torch.empty_like(order)
-    labels[order] = order[first]
+    return group_layers([weights], [grads], tol, directions)[0]
 
-    lowest = torch.full_like(index, count).scatter_reduce(
-        0, labels, index, reduce="amin"
+
+def group_layers(
+    weights: list[list[torch.Tensor]],
+    grads: list[list[torch.Tensor]],
+    tol: float,
+    directions: tuple[list[torch.Tensor], list[torch.Tensor]],
+    dense: bool | None = None,
+) -> torch.Tensor:
+    """Run :func:`group_units` on layers of one shape at once.
+
+    Args:
+        weights: Per layer, its unit matrices; every layer has the same shapes.
+        grads: The gradients, in the same layout.
+        tol: Relative tolerance of the equality.
+        directions: As for :func:`group_units`.
+        dense: Compare every unit with its neighbour (True), or only the pairs
+            whose norms and projections allow equality (False). None picks the
+            pairs on the CPU, where selecting them costs no device sync.
+
+    Returns:
+        A ``(layers, units)`` long tensor of labels.
+    """
+    norms_w, projection_w = _row_figures(weights, directions[0])
+    norms_g, projection_g = _row_figures(grads, directions[1])
+    key = _sort_key(projection_w, norms_w) + _sort_key(projection_g, norms_g)
+    order = torch.argsort(key, dim=1, stable=True)
+    previous = torch.empty_like(order).scatter_(1, order, order.roll(1, dims=1))
+
+    sides = (
+        _Side(weights, norms_w, projection_w, previous),
+        _Side(grads, norms_g, projection_g, previous),
     )
-    labels = lowest[labels]
+    if dense is None:
+        dense = not key.is_cpu
+    equal = _equal_dense(sides, tol) if dense else _equal_sparse(sides, tol)
+    return _labels_from(order, equal, norms_w, norms_g)
+
+
+class _Side:
+    """The weights or the gradients of a batch of layers, with their row figures."""
+
+    def __init__(self, layers, norms, projection, previous) -> None:
+        self.layers = layers
+        self.norms = norms
+        self.projection = projection
+        self.previous = previous
+        self.width = sum(m.shape[1] for m in layers[0])
+
+    def close(self, layer: int, rows: torch.Tensor | None, tol: float):
+        """Compare ``rows`` (all when None) of ``layer`` with their neighbours."""
+        others = self.previous[layer]
+        norms = self.norms[layer]
+        if rows is not None:
+            others = others[rows]
+            norms = norms[rows]
+        distance = sum(
+            (_take(m, rows) - m[others]).square().sum(dim=1) for m in self.layers[layer]
+        )
+        neighbour = self.norms[layer][others]
+        return distance <= tol * tol * torch.maximum(norms, neighbour)
+
+    def candidates(self, tol: float) -> torch.Tensor:
+        """Flag the neighbour pairs that the exact comparison could find equal.
+
+        The distance of two rows bounds the difference of their norms and of
+        their projections on a unit direction. So a pair is not equal when its
+        norms or projections differ by more than ``tol`` times the larger norm,
+        plus a worst-case bound on float32 rounding over the row's width.
+        """
+        roots = self.norms.sqrt()
+        neighbour_roots = roots.gather(1, self.previous)
+        larger = torch.maximum(roots, neighbour_roots)
+        bound = larger * (tol + 8 * self.width * _ROUNDING)
+        spread = self.projection - self.projection.gather(1, self.previous)
+        near = ((roots - neighbour_roots).abs() <= bound) & (spread.abs() <= bound)
+        return near | ~torch.isfinite(larger)
+
+
+def _take(matrix: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return matrix if rows is None else matrix[rows]
+
+
+def _equal_dense(sides: tuple[_Side, _Side], tol: float) -> torch.Tensor:
+    count = len(sides[0].layers)
+    return torch.stack(
+        [
+            sides[0].close(i, None, tol) & sides[1].close(i, None, tol)
+            for i in range(count)
+        ]
+    )
+
+
+def _equal_sparse(sides: tuple[_Side, _Side], tol: float) -> torch.Tensor:
+    candidates = sides[0].candidates(tol) & sides[1].candidates(tol)
+    equal = torch.zeros_like(candidates)
+    for layer in candidates.any(dim=1).nonzero().flatten().tolist():
+        rows = candidates[layer].nonzero().flatten()
+        same = sides[0].close(layer, rows, tol) & sides[1].close(layer, rows, tol)
+        equal[layer, rows] = same
+    return equal
+
+
+def _labels_from(order, equal, norms_w, norms_g) -> torch.Tensor:
+    layers, count = order.shape
+    index = torch.arange(count, device=order.device).expand(layers, count)
+    start = ~equal.gather(1, order)
+    start[:, 0] = True
+    first = torch.cummax(torch.where(start, index, 0), dim=1).values
+    labels = torch.empty_like(order).scatter_(1, order, order.gather(1, first))
+
+    lowest = torch.full_like(labels, count).scatter_reduce(
+        1, labels, index, reduce="amin"
+    )
+    labels = lowest.gather(1, labels)
     # Rows zero in weight and gradient are pruned units unless the whole layer is.
     pruned = (norms_w == 0) & (norms_g == 0)
-    return torch.where(pruned & ~pruned.all(), index, labels)
+    return torch.where(pruned & ~pruned.all(dim=1, keepdim=True), index, labels)
 
 
-def _squared_norms(matrices: list[torch.Tensor]) -> torch.Tensor:
-    return sum(m.square().sum(dim=1) for m in matrices)  # type: ignore[return-value]
+def _row_figures(
+    layers: list[list[torch.Tensor]], directions: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the squared row norms and the projections, ``(layers, units)`` each.
+
+    Wide matrices are reduced one by one, where they are read once while in
+    cache; narrow ones (bias entries) are stacked first.
+    """
+    norms, projections = [], []
+    for piece, direction in enumerate(directions):
+        matrices = [layer[piece] for layer in layers]
+        if matrices[0].shape[1] <= _STACKED_WIDTH:
+            stacked = torch.stack(matrices)
+            norms.append(stacked.square().sum(dim=2))
+            projections.append(stacked @ direction)
+        else:
+            roots = [torch.linalg.vector_norm(m, dim=1) for m in matrices]
+            norms.append(torch.stack(roots).square())
+            projections.append(torch.stack([m @ direction for m in matrices]))
+    return _total(norms), _total(projections)
 
 
-def _sort_key(
-    matrices: list[torch.Tensor], directions: list[torch.Tensor], norms: torch.Tensor
-) -> torch.Tensor:
-    projection = sum(m @ d for m, d in zip(matrices, directions, strict=True))
-    scale = norms.max().sqrt().clamp_min(torch.finfo(torch.float32).tiny)
-    return projection / scale  # type: ignore[operator]
+def _total(tensors: list[torch.Tensor]) -> torch.Tensor:
+    total = tensors[0]
+    for tensor in tensors[1:]:
+        total = total + tensor
+    return total
 
 
-def _close(
-    matrices: list[torch.Tensor],
-    other: torch.Tensor,
-    norms: torch.Tensor,
-    tol: float,
-) -> torch.Tensor:
-    distance = _squared_norms([m - m[other] for m in matrices])
-    return distance <= tol * tol * torch.maximum(norms, norms[other])
+def _sort_key(projection: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    scale = norms.amax(dim=1, keepdim=True).sqrt()
+    return projection / scale.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def summarise_groups(labels: torch.Tensor, previous: torch.Tensor | None):
-    """Return ``[distinct, largest, same_as_previous, members...]`` on the device."""
-    count = labels.shape[0]
-    index = torch.arange(count, device=labels.device)
-    sizes = torch.bincount(labels, minlength=count)
-    largest, representative = sizes.max(dim=0)
-    members = torch.where(labels == representative, index, -1)
-    members = torch.where(members < 0, count, members)
-    shown = members.sort().values[:_SHOWN_MEMBERS]
+def summarise_groups(labels: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Return ``[distinct, largest, same_as_previous, members...]`` per layer.
+
+    Args:
+        labels: ``(layers, units)`` labels from :func:`group_layers`.
+        previous: The labels of the previous check in the same shape, with
+            ``-1`` rows for layers that have none.
+    """
+    layers, count = labels.shape
+    index = torch.arange(count, device=labels.device).expand(layers, count)
+    sizes = torch.zeros_like(labels).scatter_add_(1, labels, torch.ones_like(labels))
+    largest, representative = sizes.max(dim=1)
+    members = torch.where(labels == representative.unsqueeze(1), index, count)
+    shown = members.sort(dim=1).values[:, :_SHOWN_MEMBERS]
     shown = torch.where(shown == count, -1, shown)
-    same = torch.tensor(False, device=labels.device)
-    if previous is not None and previous.shape == labels.shape:
-        same = (
-            torch.equal(previous, labels)
-            if labels.is_cpu
-            else (previous == labels).all()
-        )
-    head = torch.stack(
-        [(sizes > 0).sum(), largest, torch.as_tensor(same, device=labels.device)]
+    same = (previous == labels).all(dim=1)
+    head = torch.stack([(sizes > 0).sum(dim=1), largest, same.long()], dim=1)
+    padding = torch.full(
+        (layers, _SHOWN_MEMBERS - shown.shape[1]), -1, device=labels.device
     )
-    padding = torch.full((_SHOWN_MEMBERS - shown.numel(),), -1, device=labels.device)
-    return torch.cat([head.long(), shown, padding])
+    return torch.cat([head, shown, padding], dim=1)
 
 
 class SymmetryDetector(Detector):
@@ -169,7 +280,8 @@ class SymmetryDetector(Detector):
         self._hooks = HookSet()
         self._output_layers: set[str] = set()
         self._recent: dict[int, tuple[Any, str]] = {}
-        self._pending: list[tuple[UnitLayout, torch.Tensor, Pending]] = []
+        self._layouts = LayoutCache(options.unit_groups)
+        self._pending: list[tuple[UnitLayout, torch.Tensor, Pending, int]] = []
         self._labels: dict[str, torch.Tensor] = {}
         self._streaks: dict[str, tuple[int, int]] = {}
         self._directions: dict[tuple, list[torch.Tensor]] = {}
@@ -190,6 +302,7 @@ class SymmetryDetector(Detector):
         self._pending = []
         self._labels = {}
         self._directions = {}
+        self._layouts.clear()
 
     # Which layers produce the model's output
 
@@ -226,39 +339,62 @@ class SymmetryDetector(Detector):
         model = self._model() if self._model is not None else None
         if model is None:
             return
-        judged = {id(info.tensor) for info in ctx.judged}
-        layouts = find_layouts(model, ctx.table, self.options.unit_groups)
         with torch.no_grad():
-            for layout in layouts:
-                if layout.kind == "rows" and layout.module in self._output_layers:
-                    continue
-                if not all(
-                    id(i.tensor) in judged and ctx.arrived(i) for i in layout.params
-                ):
-                    continue
-                labels = self._labels_of(layout)
-                if labels is None:
-                    continue
-                summary = summarise_groups(labels, self._labels.get(layout.module))
-                self._pending.append((layout, labels, ctx.batch.add(summary)))
+            layouts, weights, grads = self._checked_layers(model, ctx)
+            for indices in group_by_shape(weights).values():
+                batch = [layouts[i] for i in indices]
+                labels = self._labels_of(
+                    [weights[i] for i in indices], [grads[i] for i in indices]
+                )
+                previous = self._previous_labels(batch, labels)
+                queued = ctx.batch.add(summarise_groups(labels, previous))
+                for row, layout in enumerate(batch):
+                    self._pending.append((layout, labels[row], queued, row))
+        order = {id(layout): i for i, layout in enumerate(layouts)}
+        self._pending.sort(key=lambda entry: order[id(entry[0])])
 
-    def _labels_of(self, layout: UnitLayout) -> torch.Tensor | None:
-        weights = layout.matrices(grads=False)
-        grads = layout.matrices(grads=True)
-        if weights is None or grads is None or layout.count < 2:
-            return None
+    def _checked_layers(self, model: nn.Module, ctx: StepContext):
+        """Return the layouts checked at this step, with their unit matrices."""
+        judged = {id(info.tensor) for info in ctx.judged}
+        layouts, weights, grads = [], [], []
+        for layout in self._layouts.get(model, ctx.table):
+            if layout.kind == "rows" and layout.module in self._output_layers:
+                continue
+            if layout.count < 2 or not all(
+                id(i.tensor) in judged and ctx.arrived(i) for i in layout.params
+            ):
+                continue
+            layout_weights = layout.matrices(grads=False)
+            layout_grads = layout.matrices(grads=True)
+            if layout_weights is None or layout_grads is None:
+                continue
+            layouts.append(layout)
+            weights.append(layout_weights)
+            grads.append(layout_grads)
+        return layouts, weights, grads
+
+    def _labels_of(self, weights, grads) -> torch.Tensor:
         directions = (
-            self._directions_for(layout, weights, _SEED_WEIGHTS),
-            self._directions_for(layout, grads, _SEED_GRADS),
+            self._directions_for(weights[0], _SEED_WEIGHTS),
+            self._directions_for(grads[0], _SEED_GRADS),
         )
-        return group_units(weights, grads, self.options.symmetry_tol, directions)
+        return group_layers(weights, grads, self.options.symmetry_tol, directions)
+
+    def _previous_labels(self, layouts, labels: torch.Tensor) -> torch.Tensor:
+        missing = torch.full_like(labels[0], -1)
+        rows = []
+        for layout in layouts:
+            previous = self._labels.get(layout.module)
+            same_shape = previous is not None and previous.shape == missing.shape
+            rows.append(previous if same_shape else missing)
+        return torch.stack(rows)
 
     def _directions_for(
-        self, layout: UnitLayout, matrices: list[torch.Tensor], seed: int
+        self, matrices: list[torch.Tensor], seed: int
     ) -> list[torch.Tensor]:
         device = matrices[0].device
         sizes = tuple(m.shape[1] for m in matrices)
-        key = (layout.module, seed, sizes, device)
+        key = (seed, sizes, device)
         if key not in self._directions:
             generator = torch.Generator().manual_seed(seed + sum(sizes))
             vectors = [torch.randn(size, generator=generator) for size in sizes]
@@ -269,8 +405,9 @@ class SymmetryDetector(Detector):
     def analyse(self, ctx: StepContext) -> None:
         pending, self._pending = self._pending, []
         self.figures = {}
-        for layout, labels, queued in pending:
-            distinct, largest, same, *members = (int(v) for v in queued.values)
+        for layout, labels, queued, row in pending:
+            values = queued.values[row * _SUMMARY : (row + 1) * _SUMMARY]
+            distinct, largest, same, *members = (int(v) for v in values)
             self._labels[layout.module] = labels
             tag = f"gradwatch/symmetry/{layout.module or 'root'}/distinct_units"
             self.figures[tag] = float(distinct)

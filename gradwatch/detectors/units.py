@@ -25,8 +25,10 @@ from gradwatch.params import ParamInfo, ParamTable
 
 __all__ = [
     "FIRST_CHECK_STEPS",
+    "LayoutCache",
     "UnitLayout",
     "find_layouts",
+    "group_by_shape",
     "is_check_step",
     "resolve_modules",
     "schedule_hooks",
@@ -104,6 +106,62 @@ class UnitLayout:
     @property
     def unit_word(self) -> str:
         return {"rows": "unit", "heads": "head", "children": "child"}[self.kind]
+
+
+def group_by_shape(
+    layers: list[list[torch.Tensor]],
+) -> dict[tuple, list[int]]:
+    """Group layers whose unit matrices have the same shapes, dtypes and device.
+
+    Args:
+        layers: Per layer, its unit matrices (one per piece).
+
+    Returns:
+        The indices into ``layers`` of each group, in their original order, so
+        that each group can be reduced with stacked tensor ops.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for index, matrices in enumerate(layers):
+        first = matrices[0]
+        shapes = tuple((m.shape[1], m.dtype) for m in matrices)
+        key = (first.shape[0], first.device, shapes)
+        groups.setdefault(key, []).append(index)
+    return groups
+
+
+class LayoutCache:
+    """The unit layouts of a model, found again only when its structure changes.
+
+    The structure is the model's named modules and the watched parameters with
+    their trainable flags and classes (a lazy parameter changes class when it is
+    materialised). Layouts read their tensors when called, so cached layouts
+    see new values and gradients.
+    """
+
+    def __init__(self, unit_groups: Mapping[str, str]) -> None:
+        self._unit_groups = unit_groups
+        self._fingerprint: tuple | None = None
+        self._layouts: list[UnitLayout] = []
+
+    def get(self, model: nn.Module, table: ParamTable) -> list[UnitLayout]:
+        """Return the layouts of ``model``, from the cache when it is current."""
+        fingerprint = _fingerprint(model, table)
+        if fingerprint != self._fingerprint:
+            self._layouts = find_layouts(model, table, self._unit_groups)
+            self._fingerprint = fingerprint
+        return self._layouts
+
+    def clear(self) -> None:
+        self._fingerprint = None
+        self._layouts = []
+
+
+def _fingerprint(model: nn.Module, table: ParamTable) -> tuple:
+    modules = tuple((name, id(m)) for name, m in model.named_modules())
+    params = tuple(
+        (id(info), id(info.tensor), type(info.tensor), info.trainable) for info in table
+    )
+    return modules, params
 
 
 def _source(info: ParamInfo, grads: bool) -> torch.Tensor | None:
