@@ -65,6 +65,9 @@ class ParamTable:
         self._module_ids: set[int] = set()
         self.arrived: set[int] = set()
         self.dirty = True
+        self._trainable: list[ParamInfo] = []
+        self._grad_flags: list[bool] | None = None
+        self.generation = 0
 
     def contains_module(self, module: nn.Module) -> bool:
         """Return whether ``module`` was part of the model at the last scan."""
@@ -107,13 +110,34 @@ class ParamTable:
             self._hooks.discard(key)
             self.arrived.discard(key)
         self._infos = infos
+        self._grad_flags = None
+        self.generation += 1
         self.dirty = False
         self.watch_arrivals()
 
     def watch_arrivals(self) -> None:
-        """Hook every trainable tensor that is not hooked yet."""
-        for info in self._infos.values():
-            self._watch(info.tensor)
+        """Hook every trainable tensor that is not hooked yet.
+
+        Only a change of some tensor's ``requires_grad`` since the last call
+        (unfreezing) or a rescan can add one, so an unchanged model costs one
+        pass over the flags.
+        """
+        self.trainable()
+
+    def trainable(self) -> list[ParamInfo]:
+        """Return the trainable, not ignored parameters, in model order.
+
+        The list is the same object from call to call until a rescan or a change
+        of some tensor's ``requires_grad``, so callers may cache what they derive
+        from it by its identity.
+        """
+        flags = [info.tensor.requires_grad for info in self._infos.values()]
+        if flags != self._grad_flags:
+            self._grad_flags = flags
+            for info in self._infos.values():
+                self._watch(info.tensor)
+            self._trainable = [info for info in self._infos.values() if info.trainable]
+        return self._trainable
 
     def watch_registered(self, value: object) -> None:
         """Hook the tensors of a module or parameter being added to the model.

@@ -39,7 +39,7 @@ from gradwatch.distributed import (
     unwrap_ddp,
 )
 from gradwatch.handles import HookSet
-from gradwatch.params import ParamTable
+from gradwatch.params import ParamInfo, ParamTable
 from gradwatch.report import format_report
 from gradwatch.sinks.tensorboard import TensorBoardSink
 from gradwatch.stats import GradientNorms
@@ -237,6 +237,9 @@ class Session:
         self._entered = False
         self._closed = False
         self._watched = 0
+        self._judged_key: tuple[object, ...] = (None, None, None)
+        self._judged_list: list[ParamInfo] = []
+        self._judged_ids: frozenset[int] = frozenset()
 
     def _build_detectors(self) -> list[Detector]:
         if self._sharded:
@@ -459,21 +462,35 @@ class Session:
             for detector in self._detectors:
                 detector.analyse(ctx)
         finally:
-            self._table.arrived.difference_update(id(i.tensor) for i in ctx.judged)
+            self._table.arrived -= self._judged_ids
             for detector in self._detectors:
                 detector.begin_step(ctx.step + 1)
 
-    def _judged(self, optimizer: torch.optim.Optimizer | None) -> list:
-        trainable = [info for info in self._table if info.trainable]
-        if optimizer is None:
-            return trainable
-        mine = self._clock.owned(optimizer)
-        anyone = self._clock.owned_by_any()
-        return [
-            info
-            for info in trainable
-            if id(info.tensor) in mine or id(info.tensor) not in anyone
-        ]
+    def _judged(self, optimizer: torch.optim.Optimizer | None) -> list[ParamInfo]:
+        """Return the parameters judged at this step; see ``StepContext.judged``.
+
+        The result is cached while the trainable parameters and the optimizers'
+        param groups stay the same, which is every step of a usual loop.
+        """
+        trainable = self._table.trainable()
+        mine = anyone = None
+        if optimizer is not None:
+            mine = self._clock.owned(optimizer)
+            anyone = self._clock.owned_by_any()
+        # The key holds the objects themselves, so their ids cannot be reused.
+        key = (trainable, mine, anyone)
+        if not all(a is b for a, b in zip(key, self._judged_key, strict=True)):
+            judged = trainable
+            if mine is not None and anyone is not None:
+                judged = [
+                    info
+                    for info in trainable
+                    if id(info.tensor) in mine or id(info.tensor) not in anyone
+                ]
+            self._judged_key = key
+            self._judged_list = judged
+            self._judged_ids = frozenset(id(info.tensor) for info in judged)
+        return self._judged_list
 
     # Alerts
 

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import torch
 
 from gradwatch.detectors.base import Detector, StepContext
-from gradwatch.params import ParamInfo
 from gradwatch.transfer import Pending
 
 __all__ = ["GradientNorms", "foreach_norms"]
@@ -25,22 +24,30 @@ def foreach_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(0)
     if any(_is_dtensor(t) for t in tensors):
         return _combined_shard_norms(tensors)
-    groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = defaultdict(list)
-    for index, tensor in enumerate(tensors):
-        groups[(tensor.device, tensor.dtype, tensor.is_sparse)].append(index)
-
+    keys = [(t.device, t.dtype, t.is_sparse) for t in tensors]
     with torch.no_grad():
-        if len(groups) == 1 and not tensors[0].is_sparse:
+        if not keys[0][2] and keys.count(keys[0]) == len(keys):
             return torch.stack(_float32_norms(list(tensors)))
-        device = tensors[0].device
-        norms = torch.empty(len(tensors), dtype=torch.float32, device=device)
-        for (_, _, sparse), indices in groups.items():
-            members = [tensors[i] for i in indices]
-            if sparse:
-                members = [t._values() for t in members]
-            group_norms = torch.stack(_float32_norms(members))
-            position = torch.tensor(indices, device=device)
-            norms.index_copy_(0, position, group_norms.to(device))
+        return _grouped_norms(tensors, keys)
+
+
+def _grouped_norms(
+    tensors: Sequence[torch.Tensor], keys: list[tuple[torch.device, torch.dtype, bool]]
+) -> torch.Tensor:
+    """Return the norms of tensors of several devices, dtypes or layouts."""
+    groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = defaultdict(list)
+    for index, key in enumerate(keys):
+        groups[key].append(index)
+
+    device = tensors[0].device
+    norms = torch.empty(len(tensors), dtype=torch.float32, device=device)
+    for (_, _, sparse), indices in groups.items():
+        members = [tensors[i] for i in indices]
+        if sparse:
+            members = [t._values() for t in members]
+        group_norms = torch.stack(_float32_norms(members))
+        position = torch.tensor(indices, device=device)
+        norms.index_copy_(0, position, group_norms.to(device))
     return norms
 
 
@@ -92,38 +99,53 @@ class GradientNorms(Detector):
 
     def __init__(self, options) -> None:
         super().__init__(options)
-        self._pending: tuple[list[ParamInfo], Pending, bool] | None = None
+        self._pending: tuple[list[int], Pending, bool] | None = None
+        self._generation = -1
+        self._weight_norms: dict[int, float] = {}
 
     def _measures_weights(self, step: int) -> bool:
         return step < self.options.patience or step % self.options.log_every == 0
 
     def collect(self, ctx: StepContext) -> None:
-        infos = [
-            info
-            for info in ctx.judged
-            if ctx.arrived(info) and info.tensor.grad is not None
-        ]
-        if not infos:
+        if ctx.table.generation != self._generation:
+            # The model was rescanned: forget the norms of tensors that left it.
+            self._generation = ctx.table.generation
+            present = {id(info.tensor) for info in ctx.table}
+            self._weight_norms = {
+                key: norm for key, norm in self._weight_norms.items() if key in present
+            }
+        keys, grads, weights = self._arrived_grads(ctx)
+        if not keys:
             self._pending = None
             return
-        norms = foreach_norms([info.tensor.grad for info in infos])
-        weights = self._measures_weights(ctx.step)
-        if weights:
-            norms = torch.cat(
-                [norms, foreach_norms([i.tensor.detach() for i in infos])]
-            )
-        self._pending = (infos, ctx.batch.add(norms), weights)
+        norms = foreach_norms(grads)
+        measure = self._measures_weights(ctx.step)
+        if measure:
+            norms = torch.cat([norms, foreach_norms(weights)])
+        self._pending = (keys, ctx.batch.add(norms), measure)
+
+    @staticmethod
+    def _arrived_grads(ctx: StepContext):
+        """Return the tensor ids, gradients and weights of the arrived gradients."""
+        arrived = ctx.table.arrived
+        keys, grads, weights = [], [], []
+        for info in ctx.judged:
+            tensor = info.tensor
+            grad = tensor.grad
+            if grad is not None and id(tensor) in arrived:
+                keys.append(id(tensor))
+                grads.append(grad)
+                weights.append(tensor.detach())
+        return keys, grads, weights
 
     def analyse(self, ctx: StepContext) -> None:
+        ctx.param_norms = self._weight_norms
         if self._pending is None:
             return
-        infos, pending, weights = self._pending
+        keys, pending, measure = self._pending
         self._pending = None
-        count = len(infos)
+        count = len(keys)
         values = pending.values
-        for index, info in enumerate(infos):
-            key = id(info.tensor)
-            ctx.grad_norms[key] = values[index]
-            if weights:
-                info.state["param_norm"] = values[count + index]
-            ctx.param_norms[key] = info.state.get("param_norm", 0.0)
+        ctx.grad_norms.update(zip(keys, values[:count], strict=True))
+        if measure:
+            self._weight_norms.update(zip(keys, values[count:], strict=True))

@@ -7,8 +7,6 @@ one synchronisation however many parameters are watched.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
 __all__ = ["HostBatch", "Pending", "to_host"]
@@ -48,17 +46,18 @@ class HostBatch:
 
     def fetch(self) -> None:
         """Copy every queued tensor to the host, one transfer per device."""
-        by_device: dict[torch.device, list[tuple[torch.Tensor, Pending]]] = defaultdict(
-            list
-        )
-        for flat, pending in self._queued:
-            by_device[flat.device].append((flat, pending))
-        self._queued = []
+        queued, self._queued = self._queued, []
+        devices = {flat.device for flat, _ in queued}
+        for device in devices:
+            items = [item for item in queued if item[0].device == device]
+            _fetch_together(items)
 
-        for items in by_device.values():
-            flats = [flat.to(torch.float64) for flat, _ in items]
-            values = to_host(torch.cat(flats)) if flats else []
-            offset = 0
-            for _, pending in items:
-                pending.values = values[offset : offset + pending.numel]
-                offset += pending.numel
+
+def _fetch_together(items: list[tuple[torch.Tensor, Pending]]) -> None:
+    """Fill the ``Pending`` values of tensors on one device in one transfer."""
+    flats = [flat.to(torch.float64) for flat, _ in items]
+    values = to_host(flats[0] if len(flats) == 1 else torch.cat(flats))
+    offset = 0
+    for _, pending in items:
+        pending.values = values[offset : offset + pending.numel]
+        offset += pending.numel

@@ -23,8 +23,10 @@ Limitations:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gradwatch.detectors.base import Detector, StepContext
@@ -60,15 +62,20 @@ class DisconnectDetector(Detector):
         self._unused_after = options.patience
 
     def analyse(self, ctx: StepContext) -> None:
-        median = _median_positive(ctx.grad_norms.values())
+        # The median is needed only for a gradient that may count as zero.
+        median = functools.cache(lambda: _median_positive(ctx.grad_norms.values()))
         self._cuts = {}
-        self._unused_after = self._unused_threshold(ctx)
+        arrived = ctx.table.arrived
+        if any(id(info.tensor) not in arrived for info in ctx.judged):
+            self._unused_after = self._unused_threshold(ctx)
         arm = False
         for info in ctx.judged:
-            state = info.state.setdefault("arrivals", _Arrivals())
+            state = info.state.get("arrivals")
+            if state is None:
+                state = info.state["arrivals"] = _Arrivals()
             assert isinstance(state, _Arrivals)
             state.judged += 1
-            if ctx.arrived(info):
+            if id(info.tensor) in arrived:
                 self._on_arrival(ctx, info, state, median)
             else:
                 self._on_miss(ctx, info, state)
@@ -80,7 +87,11 @@ class DisconnectDetector(Detector):
     # Arrival and miss bookkeeping
 
     def _on_arrival(
-        self, ctx: StepContext, info: ParamInfo, state: _Arrivals, median: float
+        self,
+        ctx: StepContext,
+        info: ParamInfo,
+        state: _Arrivals,
+        median: Callable[[], float],
     ) -> None:
         state.arrived += 1
         state.gap = 0
@@ -91,7 +102,7 @@ class DisconnectDetector(Detector):
             return
         state.zero_streak += 1
         if state.zero_streak >= self.options.patience:
-            self._alert_zero(ctx, info, state, norm, median)
+            self._alert_zero(ctx, info, state, norm, median())
 
     def _on_miss(self, ctx: StepContext, info: ParamInfo, state: _Arrivals) -> None:
         if state.gap == 0:
@@ -160,7 +171,11 @@ class DisconnectDetector(Detector):
         return self._gap_for_rate(arrived, judged)
 
     def _negligible(
-        self, ctx: StepContext, info: ParamInfo, norm: float, median: float
+        self,
+        ctx: StepContext,
+        info: ParamInfo,
+        norm: float,
+        median: Callable[[], float],
     ) -> bool:
         """Return whether a gradient norm counts as zero.
 
@@ -174,7 +189,7 @@ class DisconnectDetector(Detector):
             return False
         tol = self.options.zero_tol
         own = ctx.param_norms.get(id(info.tensor), 0.0)
-        return norm <= tol * median and norm <= tol * own
+        return norm <= tol * own and norm <= tol * median()
 
     # Alerts
 

@@ -36,7 +36,7 @@ import math
 import statistics
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -57,6 +57,7 @@ MIN_LAYERS = 3
 
 _LISTED = 4
 _STATE = "gradient_scale"
+_LAYER_STATE = f"{_STATE}.layer"
 _SPARSE_LOOKUPS = (nn.Embedding, nn.EmbeddingBag)
 
 
@@ -73,6 +74,7 @@ class _History:
         self.norms: deque[float] = deque(maxlen=window)
         self.rms: deque[float] = deque(maxlen=window)
         self.numel = max(numel, 1)
+        self._rms_scale = 1.0 / math.sqrt(self.numel)
         self.streak_start: int | None = None
         self._seen = 0
         self._medians: dict[str, tuple[int, float]] = {}
@@ -90,8 +92,15 @@ class _History:
 
     def append(self, norm: float) -> None:
         self.norms.append(norm)
-        self.rms.append(norm / math.sqrt(self.numel))
+        self.rms.append(norm * self._rms_scale)
         self._seen += 1
+
+
+#: Stored in place of a history for tensors that are not layers (biases, gains,
+#: embedding tables), so that each tensor is classified once.
+_NOT_A_LAYER = object()
+
+_Layer = tuple["ParamInfo", float, _History]
 
 
 class GradientScaleDetector(Detector):
@@ -116,8 +125,8 @@ class GradientScaleDetector(Detector):
             return
         if exploding:
             self._check_exploding(ctx, layers)
-        for info, norm in layers:
-            self._history(info).append(norm)
+        for _, norm, history in layers:
+            history.append(norm)
         if vanishing:
             self._check_vanishing(ctx, layers)
 
@@ -126,22 +135,27 @@ class GradientScaleDetector(Detector):
 
     # Selection
 
-    def _layers(self, ctx: StepContext) -> list[tuple[ParamInfo, float]]:
+    def _layers(self, ctx: StepContext) -> list[_Layer]:
         """Return the judged weights with a finite, nonzero gradient norm."""
         layers = []
+        norms = ctx.grad_norms
+        isfinite = math.isfinite
         for info in ctx.judged:
-            norm = ctx.grad_norms.get(id(info.tensor))
-            if norm is None or norm == 0.0 or not math.isfinite(norm):
+            norm = norms.get(id(info.tensor))
+            if norm is None or norm == 0.0 or not isfinite(norm):
                 continue
-            if self._is_layer(info):
-                layers.append((info, norm))
+            history = info.state.get(_STATE)
+            if history is None:
+                history = self._history(info)
+            if history is not _NOT_A_LAYER:
+                layers.append((info, norm, history))
         return layers
 
     def _is_layer(self, info: ParamInfo) -> bool:
-        cached = info.state.get(f"{_STATE}.layer")
+        cached = info.state.get(_LAYER_STATE)
         if cached is None:
             cached = info.tensor.dim() >= 2 and not self._is_lookup(info.module)
-            info.state[f"{_STATE}.layer"] = cached
+            info.state[_LAYER_STATE] = cached
         return bool(cached)
 
     def _is_lookup(self, module_name: str) -> bool:
@@ -154,26 +168,26 @@ class GradientScaleDetector(Detector):
             return False
         return isinstance(module, _SPARSE_LOOKUPS)
 
-    def _history(self, info: ParamInfo) -> _History:
+    def _history(self, info: ParamInfo) -> Any:
+        """Return the history of a weight, or ``_NOT_A_LAYER`` for other tensors."""
         history = info.state.get(_STATE)
         if not isinstance(history, _History):
-            history = _History(self.options.norm_window, info.tensor.numel())
+            history = _NOT_A_LAYER
+            if self._is_layer(info):
+                history = _History(self.options.norm_window, info.tensor.numel())
             info.state[_STATE] = history
         return history
 
     # Exploding
 
-    def _check_exploding(
-        self, ctx: StepContext, layers: list[tuple[ParamInfo, float]]
-    ) -> None:
+    def _check_exploding(self, ctx: StepContext, layers: list[_Layer]) -> None:
         factor = self.options.explode_factor
-        total = math.sqrt(sum(norm * norm for _, norm in layers))
-        for info, norm in layers:
-            history = self._history(info)
+        for info, norm, history in layers:
             if len(history.norms) < MIN_HISTORY:
                 continue
             median = history.median("norms")
             if norm > factor * median:
+                total = math.sqrt(sum(n * n for _, n, _ in layers))
                 self._alert_exploding(
                     ctx, info, norm, median, len(history.norms), total
                 )
@@ -204,18 +218,14 @@ class GradientScaleDetector(Detector):
 
     # Vanishing
 
-    def _check_vanishing(
-        self, ctx: StepContext, layers: list[tuple[ParamInfo, float]]
-    ) -> None:
+    def _check_vanishing(self, ctx: StepContext, layers: list[_Layer]) -> None:
         if len(layers) < MIN_LAYERS:
             return
-        rms = [norm / math.sqrt(self._history(info).numel) for info, norm in layers]
-        self._model_rms.append(statistics.median(rms))
+        self._model_rms.append(statistics.median(h.rms[-1] for _, _, h in layers))
         reference = statistics.median(self._model_rms)
 
         low: list[tuple[ParamInfo, float]] = []
-        for info, _ in layers:
-            history = self._history(info)
+        for info, _, history in layers:
             ratio = history.median("rms") / reference
             waking = _growing(history.rms, self.options.patience)
             if ratio >= self.options.vanish_factor or waking:
@@ -225,8 +235,8 @@ class GradientScaleDetector(Detector):
                 history.streak_start = ctx.step
             if len(history.rms) >= self.options.patience:
                 low.append((info, ratio))
-        present = {info.name for info, _ in layers}
-        if self._vanish_subject not in present:
+        subject = self._vanish_subject
+        if subject is not None and all(i.name != subject for i, _, _ in layers):
             # Its gradient became exactly zero (underflow): it did not recover.
             low += [
                 (info, 0.0) for info in ctx.judged if info.name == self._vanish_subject
