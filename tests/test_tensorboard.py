@@ -10,9 +10,18 @@ import stat
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import (
+    RawEventFileLoader,
+)
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
 from gradwatch import gradwatch
+from gradwatch.sinks import records
+from gradwatch.sinks.histograms import histogram_proto, histogram_summaries
 
 
 class Net(nn.Module):
@@ -80,6 +89,74 @@ def test_histogram_counts_match_tensor(tmp_path):
     assert record.histogram_value.min < record.histogram_value.max
 
 
+def raw_events(logdir):
+    (path,) = logdir.glob("events.out.tfevents.*")
+    return [Event.FromString(raw) for raw in RawEventFileLoader(str(path)).Load()]
+
+
+def train_one_step(logdir, **options):
+    """Run one step and return the gradient norms and the weights after it."""
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch(model, logdir=logdir, on_alert="ignore", **options):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).square().mean().backward()
+        optimizer.step()
+    norms = {
+        name: p.grad.norm().item()
+        for name, p in model.named_parameters()
+        if p.grad is not None
+    }
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    return norms, weights
+
+
+def test_histogram_fields_match_weights(tmp_path):
+    _, weights = train_one_step(tmp_path, histogram_every=1)
+    events = read(tmp_path)
+    weight = weights["body.weight"].reshape(-1)
+
+    (record,) = events.Histograms("gradwatch/weight/body.weight")
+    histogram = record.histogram_value
+    assert histogram.min == pytest.approx(weight.min().item())
+    assert histogram.max == pytest.approx(weight.max().item())
+    assert histogram.num == weight.numel()
+    assert histogram.sum == pytest.approx(weight.sum().item(), abs=1e-6)
+    assert histogram.sum_squares == pytest.approx(weight.square().sum().item())
+    assert sum(histogram.bucket) == weight.numel()
+    assert histogram.bucket_limit[-1] == pytest.approx(histogram.max)
+
+
+def test_scalar_values_match_gradients(tmp_path):
+    norms, _ = train_one_step(tmp_path, log_every=1)
+    events = read(tmp_path)
+
+    for name, norm in norms.items():
+        (record,) = events.Scalars(f"gradwatch/grad_norm/{name}")
+        assert record.value == pytest.approx(norm, rel=1e-6)
+    (total,) = events.Scalars("gradwatch/grad_norm/global")
+    expected = sum(n * n for n in norms.values()) ** 0.5
+    assert total.value == pytest.approx(expected, rel=1e-6)
+
+
+def test_step_scalars_share_one_event(tmp_path):
+    train(tmp_path, steps=3, log_every=1, histogram_every=1)
+
+    by_step = {}
+    for event in raw_events(tmp_path):
+        tags = [value.tag for value in event.summary.value]
+        if "gradwatch/grad_norm/global" in tags:
+            by_step.setdefault(event.step, []).append(tags)
+    assert sorted(by_step) == [0, 1, 2]
+    for step_tags in by_step.values():
+        assert len(step_tags) == 1
+        assert "gradwatch/grad_norm/body.weight" in step_tags[0]
+        assert "gradwatch/alerts/unused_parameter" in step_tags[0]
+        assert "gradwatch/grad/body.weight" in step_tags[0]
+        assert "gradwatch/weight/spare.weight" in step_tags[0]
+
+
 def test_alert_text_and_json_are_written(tmp_path):
     gw = train(tmp_path)
     events = read(tmp_path)
@@ -141,3 +218,87 @@ class _Broken:
 
     def close(self):
         pass
+
+
+def test_histogram_counts_match_histc():
+    torch.manual_seed(0)
+    nan, inf = float("nan"), float("inf")
+    tensors = [
+        torch.randn(300) ** 3,
+        torch.full((7,), 2.5),
+        torch.zeros(4),
+        torch.tensor([1.0, nan, 2.0]),
+        torch.tensor([1.0, inf, 2.0]),
+        torch.tensor([-inf, 1.0]),
+        torch.arange(65.0),
+        torch.randn(50).half(),
+    ]
+    rows = histogram_summaries(tensors, bins=16)
+
+    for tensor, row in zip(tensors, rows, strict=True):
+        values = tensor.float().reshape(-1)
+        low, high = torch.aminmax(values)
+        span = (high - low).clamp_min(torch.finfo(torch.float32).tiny)
+        expected = torch.histc((values - low) / span, bins=16, min=0.0, max=1.0)
+        assert torch.equal(row[5:], expected), tensor
+        assert row[2] == values.numel()
+
+
+def test_histogram_of_empty_tensor_is_skipped():
+    rows = histogram_summaries([torch.zeros(0), torch.ones(3)], bins=4)
+
+    assert histogram_proto(rows[0].tolist()) is None
+    assert histogram_proto(rows[1].tolist()).num == 3
+
+
+def test_empty_bucket_runs_merged():
+    # Values at 0, 1 and 8 in 8 buckets of width 1: buckets 2 to 6 are empty.
+    values = torch.tensor([0.0, 0.0, 1.0, 8.0])
+    (row,) = histogram_summaries([values], bins=8)
+    proto = histogram_proto(row.tolist())
+
+    assert list(proto.bucket) == [2, 1, 0, 1]
+    assert list(proto.bucket_limit) == [1, 2, 7, 8]
+
+
+def test_merged_buckets_read_back(tmp_path):
+    values = torch.tensor([0.0, 0.0, 1.0, 8.0])
+    (row,) = histogram_summaries([values], bins=8)
+    with SummaryWriter(str(tmp_path)) as writer:
+        records.use_fast_checksums(writer)
+        summary = Summary(
+            value=[Summary.Value(tag="h", histo=histogram_proto(row.tolist()))]
+        )
+        writer._get_file_writer().add_summary(summary, 3)
+
+    (record,) = read(tmp_path).Histograms("h")
+    assert record.step == 3
+    assert list(record.histogram_value.bucket) == [2, 1, 0, 1]
+    assert list(record.histogram_value.bucket_limit) == [1, 2, 7, 8]
+    assert record.histogram_value.min == 0
+    assert record.histogram_value.max == 8
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, 9, 127, 128, 4095, 4096, 4097, 4096 + 129, 65536 + 3, 300_001]
+)
+def test_crc32c_matches_tensorboard(size):
+    data = os.urandom(size)
+
+    assert records.masked_crc32c(data) == pywrap_tensorflow.masked_crc32c(data)
+
+
+def test_crc32c_check_value():
+    assert records.crc32c(b"123456789") == 0xE3069283
+
+
+def test_fast_checksums_read_back(tmp_path):
+    with SummaryWriter(str(tmp_path)) as writer:
+        assert records.use_fast_checksums(writer)
+        writer.add_text("long", "x" * 20_000, 0)
+        writer.add_scalar("short", 1.5, 0)
+
+    events = read(tmp_path)
+    (text,) = events.Tensors("long/text_summary")
+    assert text.tensor_proto.string_val[0].decode() == "x" * 20_000
+    assert events.Scalars("short")[0].value == 1.5

@@ -36,10 +36,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 from gradwatch.alerts import CHECKS, AlertBook
 from gradwatch.detectors.base import Detector, StepContext
 from gradwatch.sinks.dashboard import Dashboard, alerts_markdown
+from gradwatch.sinks.histograms import (
+    histogram_proto,
+    histogram_summaries,
+    histogram_summary,
+)
+from gradwatch.sinks.records import use_fast_checksums
 from gradwatch.transfer import Pending
 
 if TYPE_CHECKING:
@@ -49,8 +56,6 @@ if TYPE_CHECKING:
 __all__ = ["TensorBoardSink", "histogram_summary"]
 
 logger = logging.getLogger(__name__)
-
-HISTOGRAM_BINS = 64
 
 
 def _summary_writer(logdir: Path) -> Any:
@@ -73,30 +78,6 @@ def _summary_writer(logdir: Path) -> Any:
         raise ValueError(msg) from err
 
 
-def histogram_summary(tensor: torch.Tensor, bins: int = HISTOGRAM_BINS) -> torch.Tensor:
-    """Return ``[min, max, numel, sum, sum of squares, counts...]`` on the device.
-
-    The bins split [min, max] evenly; computing them on the device needs no host
-    synchronisation, because the values are rescaled to [0, 1] before ``histc``.
-    """
-    values = tensor.detach().reshape(-1).float()
-    if values.numel() == 0:
-        return torch.zeros(5 + bins, device=tensor.device)
-    low, high = torch.aminmax(values)
-    span = (high - low).clamp_min(torch.finfo(torch.float32).tiny)
-    counts = torch.histc((values - low) / span, bins=bins, min=0.0, max=1.0)
-    head = torch.stack(
-        [
-            low,
-            high,
-            torch.tensor(float(values.numel()), device=values.device),
-            values.sum(),
-            values.square().sum(),
-        ]
-    )
-    return torch.cat([head, counts])
-
-
 class TensorBoardSink(Detector):
     """Write the session's figures to ``logdir`` with ``SummaryWriter``."""
 
@@ -105,8 +86,9 @@ class TensorBoardSink(Detector):
         assert options.logdir is not None
         self._alerts = alerts
         self._writer: Any = _summary_writer(options.logdir)
+        use_fast_checksums(self._writer)
         self._failed = False
-        self._histograms: list[tuple[str, Pending]] = []
+        self._histograms: list[tuple[list[str], Pending]] = []
         self._alert_count = 0
         self._last_step = 0
         self._figure_sources: list[Callable[[], dict[str, float]]] = []
@@ -127,42 +109,44 @@ class TensorBoardSink(Detector):
         every = self.options.histogram_every
         if not every or ctx.step % every:
             return
+        by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
         for info in ctx.judged:
-            self._queue_histograms(ctx, info)
+            for tag, tensor in self._histogram_sources(ctx, info):
+                by_device.setdefault(tensor.device, []).append((tag, tensor))
+        for sources in by_device.values():
+            tags = [tag for tag, _ in sources]
+            rows = histogram_summaries([tensor for _, tensor in sources])
+            self._histograms.append((tags, ctx.batch.add(rows)))
 
-    def _queue_histograms(self, ctx: StepContext, info: ParamInfo) -> None:
+    def _histogram_sources(
+        self, ctx: StepContext, info: ParamInfo
+    ) -> list[tuple[str, torch.Tensor]]:
+        sources = []
         grad = info.tensor.grad
         if grad is not None and not grad.is_sparse and ctx.arrived(info):
-            self._histograms.append(
-                (f"gradwatch/grad/{info.name}", ctx.batch.add(histogram_summary(grad)))
-            )
-        self._histograms.append(
-            (
-                f"gradwatch/weight/{info.name}",
-                ctx.batch.add(histogram_summary(info.tensor)),
-            )
-        )
+            sources.append((f"gradwatch/grad/{info.name}", grad))
+        sources.append((f"gradwatch/weight/{info.name}", info.tensor))
+        return sources
 
     def analyse(self, ctx: StepContext) -> None:
         self._last_step = ctx.step
         histograms, self._histograms = self._histograms, []
-        if ctx.step % self.options.log_every == 0 or ctx.final:
-            self._write(self._scalars, ctx)
-        if histograms:
-            self._write(self._write_histograms, ctx.step, histograms)
+        logged = ctx.step % self.options.log_every == 0 or ctx.final
+        alerts_changed = len(self._alerts) != self._alert_count
+        self._alert_count = len(self._alerts)
+        figures: dict[str, float] = {}
         for source in self._figure_sources:
-            self._write(self._write_figures, ctx.step, source())
+            figures.update(source())
+        self._write(self._write_step, ctx, logged, alerts_changed, figures, histograms)
         self._write(self._dashboard.record, self._writer, ctx)
-        if len(self._alerts) != self._alert_count:
-            self._alert_count = len(self._alerts)
-            self._write(self._scalars_alerts, ctx.step)
+        if alerts_changed:
             self._write(self._text, ctx.step)
 
     def close(self) -> None:
         """Write the final state of the alerts, then flush and close the writer."""
         if self._writer is None:
             return
-        self._write(self._scalars_alerts, self._last_step)
+        self._write(self._write_values, self._last_step, self._alert_values())
         if len(self._alerts):
             self._write(self._text, self._last_step)
         self._write(self._dashboard.finish, self._writer, self._last_step)
@@ -195,38 +179,52 @@ class TensorBoardSink(Detector):
             )
         self._failed = True
 
-    def _scalars(self, ctx: StepContext) -> None:
+    def _write_step(
+        self,
+        ctx: StepContext,
+        logged: bool,
+        alerts_changed: bool,
+        figures: dict[str, float],
+        histograms: list[tuple[list[str], Pending]],
+    ) -> None:
+        """Write all scalars and histograms of a step as one event.
+
+        One event with many values costs far less to write than one event per
+        value, and TensorBoard reads each value as if it had its own event.
+        """
+        values = []
+        if logged:
+            values += self._norm_values(ctx)
+        if logged or alerts_changed:
+            values += self._alert_values()
+        values += [_scalar_value(tag, value) for tag, value in figures.items()]
+        values += _histogram_values(histograms)
+        self._write_values(ctx.step, values)
+
+    def _write_values(self, step: int, values: list[Summary.Value]) -> None:
+        if values:
+            self._writer._get_file_writer().add_summary(Summary(value=values), step)
+
+    def _norm_values(self, ctx: StepContext) -> list[Summary.Value]:
         norms = {info.name: ctx.grad_norms.get(id(info.tensor)) for info in ctx.judged}
         finite = [n for n in norms.values() if n is not None]
+        values = []
         if finite:
             total = math.sqrt(sum(n * n for n in finite))
-            self._writer.add_scalar("gradwatch/grad_norm/global", total, ctx.step)
+            values.append(_scalar_value("gradwatch/grad_norm/global", total))
         for name, norm in norms.items():
             if norm is not None:
-                self._writer.add_scalar(f"gradwatch/grad_norm/{name}", norm, ctx.step)
-        self._scalars_alerts(ctx.step)
+                values.append(_scalar_value(f"gradwatch/grad_norm/{name}", norm))
+        return values
 
-    def _scalars_alerts(self, step: int) -> None:
+    def _alert_values(self) -> list[Summary.Value]:
         counts = dict.fromkeys(CHECKS, 0)
         for alert in self._alerts:
             counts[alert.check] = counts.get(alert.check, 0) + 1
-        for check, count in counts.items():
-            self._writer.add_scalar(f"gradwatch/alerts/{check}", count, step)
-
-    def _write_figures(self, step: int, figures: dict[str, float]) -> None:
-        for tag, value in figures.items():
-            self._writer.add_scalar(tag, value, step)
-
-    def _write_histograms(self, step: int, queued: list[tuple[str, Pending]]) -> None:
-        for tag, pending in queued:
-            low, high, num, total, squares, *counts = pending.values
-            if num == 0:
-                continue
-            width = (high - low) / len(counts) if high > low else 1.0
-            limits = [low + width * (i + 1) for i in range(len(counts))]
-            self._writer.add_histogram_raw(
-                tag, low, high, num, total, squares, limits, counts, global_step=step
-            )
+        return [
+            _scalar_value(f"gradwatch/alerts/{check}", count)
+            for check, count in counts.items()
+        ]
 
     def _text(self, step: int) -> None:
         table = alerts_markdown(self._alerts.as_list(), step)
@@ -236,3 +234,20 @@ class TensorBoardSink(Detector):
             "gradwatch/alerts_json", json.dumps(records, default=str), step
         )
         self._writer.flush()
+
+
+def _scalar_value(tag: str, value: float) -> Summary.Value:
+    return Summary.Value(tag=tag, simple_value=float(value))
+
+
+def _histogram_values(
+    histograms: list[tuple[list[str], Pending]],
+) -> list[Summary.Value]:
+    values = []
+    for tags, pending in histograms:
+        width = len(pending.values) // max(len(tags), 1)
+        for i, tag in enumerate(tags):
+            proto = histogram_proto(pending.values[i * width : (i + 1) * width])
+            if proto is not None:
+                values.append(Summary.Value(tag=tag, histo=proto))
+    return values
