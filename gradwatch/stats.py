@@ -114,29 +114,30 @@ class GradientNorms(Detector):
             self._weight_norms = {
                 key: norm for key, norm in self._weight_norms.items() if key in present
             }
-        keys, grads, weights = self._arrived_grads(ctx)
-        if not keys:
+        tensors, grads = self._arrived(ctx)
+        if not tensors:
             self._pending = None
             return
         norms = foreach_norms(grads)
         measure = self._measures_weights(ctx.step)
         if measure:
+            weights = [tensor.detach() for tensor in tensors]
             norms = torch.cat([norms, foreach_norms(weights)])
+        keys = [id(tensor) for tensor in tensors]
         self._pending = (keys, ctx.batch.add(norms), measure)
 
     @staticmethod
-    def _arrived_grads(ctx: StepContext):
-        """Return the tensor ids, gradients and weights of the arrived gradients."""
+    def _arrived(ctx: StepContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Return the judged tensors whose gradient arrived, and those gradients."""
         arrived = ctx.table.arrived
-        keys, grads, weights = [], [], []
+        tensors, grads = [], []
         for info in ctx.judged:
             tensor = info.tensor
             grad = tensor.grad
             if grad is not None and id(tensor) in arrived:
-                keys.append(id(tensor))
+                tensors.append(tensor)
                 grads.append(grad)
-                weights.append(tensor.detach())
-        return keys, grads, weights
+        return tensors, grads
 
     def analyse(self, ctx: StepContext) -> None:
         ctx.param_norms = self._weight_norms

@@ -265,6 +265,8 @@ class MaskDetector(Detector):
             self._stale = False
             self._discover()
             self._sync()
+        if not self._active:
+            return
         judged = {id(info.tensor) for info in ctx.judged}
         for watch in self._active:
             revived = watch.take_revived()

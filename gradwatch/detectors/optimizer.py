@@ -30,20 +30,37 @@ class OptimizerDetector(Detector):
     def __init__(self, options: Options, clock: StepClock) -> None:
         super().__init__(options)
         self._clock = clock
+        self._all_owned: tuple[object, object] = (None, None)
+        self._unowned: set[int] = set()
 
     def analyse(self, ctx: StepContext) -> None:
         if ctx.optimizer is None:
             return
         owned = self._clock.owned_by_any()
+        if not self._unowned and self._owns_all(ctx.judged, owned):
+            return
         for info in ctx.judged:
+            key = id(info.tensor)
             streak = info.state.get("unowned", 0)
             assert isinstance(streak, int)
-            if id(info.tensor) in owned or not ctx.arrived(info):
+            if key in owned or not ctx.arrived(info):
                 info.state["unowned"] = 0
+                self._unowned.discard(key)
                 continue
             info.state["unowned"] = streak + 1
+            self._unowned.add(key)
             if streak + 1 >= self.options.patience:
                 self._alert(ctx, info, streak + 1)
+
+    def _owns_all(self, judged: list[ParamInfo], owned: frozenset[int]) -> bool:
+        """Return whether ``owned`` holds every judged tensor, cached by identity."""
+        if self._all_owned[0] is judged and self._all_owned[1] is owned:
+            return True
+        if any(id(info.tensor) not in owned for info in judged):
+            return False
+        # The session and the clock keep these objects while they are unchanged.
+        self._all_owned = (judged, owned)
+        return True
 
     def _alert(self, ctx: StepContext, info: ParamInfo, streak: int) -> None:
         stale = self._stale_tensors(ctx)
