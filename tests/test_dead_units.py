@@ -9,6 +9,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from gradwatch import gradwatch
+from gradwatch.detectors.dead_units import rows_with_nonzero
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,43 @@ def test_gradient_signal_without_activation_hooks(digits):
     torch.manual_seed(0)
     gw = _train(ReluMLP(bias=-50.0), digits, activations=False)
     assert [a.param for a in _dead(gw)] == ["fc1.weight"]
+
+
+def _deep_relu_mlp() -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(64, 32), nn.ReLU()]
+    for _ in range(4):
+        layers += [nn.Linear(32, 32), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(32, 10))
+
+
+@pytest.mark.parametrize("activations", [True, False])
+def test_dead_layer_among_same_shapes(digits, activations):
+    torch.manual_seed(0)
+    model = _deep_relu_mlp()
+    with torch.no_grad():
+        model[4].bias[:20] = -50.0
+    gw = _train(model, digits, symmetry_every=1, activations=activations)
+    found = _dead(gw)
+    # Fewer live inputs then kill most units of the next layer as well.
+    if activations:
+        expected = [("5", None), ("7", None)]
+    else:
+        expected = [("4", "4.weight"), ("6", "6.weight")]
+    assert [(a.module, a.param) for a in found] == expected
+    assert found[0].data["dead_units"] >= 20
+
+
+def test_rows_with_nonzero_flags():
+    first = torch.zeros(4, 20)
+    first[0, 3] = 1e-40
+    first[1, 19] = float("nan")
+    first[2, 0] = -0.0
+    second = torch.zeros(4, 20)
+    second[3, 7] = -2.0
+    bias = torch.tensor([[0.0], [0.0], [0.0], [0.5]])
+    empty = torch.zeros(4, 0)
+    flags = rows_with_nonzero([[first, bias, empty], [second, bias * 0, empty]])
+    assert flags.tolist() == [[True, True, False, True], [False, False, False, True]]
 
 
 def test_partly_dead_layer_below_fraction_is_silent(digits):
