@@ -66,6 +66,7 @@ class ParamTable:
         self.arrived: set[int] = set()
         self.dirty = True
         self._trainable: list[ParamInfo] = []
+        self._tensors: list[nn.Parameter] = []
         self._grad_flags: list[bool] | None = None
         self.generation = 0
 
@@ -110,6 +111,7 @@ class ParamTable:
             self._hooks.discard(key)
             self.arrived.discard(key)
         self._infos = infos
+        self._tensors = [info.tensor for info in infos.values()]
         self._grad_flags = None
         self.generation += 1
         self.dirty = False
@@ -131,7 +133,7 @@ class ParamTable:
         of some tensor's ``requires_grad``, so callers may cache what they derive
         from it by its identity.
         """
-        flags = [info.tensor.requires_grad for info in self._infos.values()]
+        flags = [tensor.requires_grad for tensor in self._tensors]
         if flags != self._grad_flags:
             self._grad_flags = flags
             for info in self._infos.values():
@@ -183,4 +185,6 @@ class ParamTable:
         """Remove every hook and drop every tensor reference."""
         self._hooks.remove()
         self._infos.clear()
+        self._tensors = []
+        self._trainable = []
         self.arrived.clear()

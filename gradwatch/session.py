@@ -436,8 +436,6 @@ class Session:
     def _end_step(self, optimizer: torch.optim.Optimizer | None, final: bool) -> None:
         if self._table.dirty:
             self._table.scan()
-        else:
-            self._table.watch_arrivals()
         arrival_ranks = None
         if self._ranks is not None and not final:
             arrival_ranks = self._ranks.combine(self._table)
