@@ -68,32 +68,33 @@ _MEDIAN_REFRESH = 5
 
 
 class _History:
-    """A weight's recent gradient norms and RMS values, newest last."""
+    """A weight's recent gradient norms, newest last, and their median.
+
+    The RMS gradient per element is the norm times ``rms_scale``, a constant,
+    so the median RMS is the median norm times ``rms_scale`` too.
+    """
+
+    __slots__ = ("_stale", "median", "norms", "rms_scale", "streak_start")
 
     def __init__(self, window: int, numel: int) -> None:
         self.norms: deque[float] = deque(maxlen=window)
-        self.rms: deque[float] = deque(maxlen=window)
-        self.numel = max(numel, 1)
-        self._rms_scale = 1.0 / math.sqrt(self.numel)
+        self.rms_scale = 1.0 / math.sqrt(max(numel, 1))
+        self.median = math.nan
         self.streak_start: int | None = None
-        self._seen = 0
-        self._medians: dict[str, tuple[int, float]] = {}
-
-    def median(self, field: str) -> float:
-        """Return the median of ``norms`` or ``rms``, refreshed every few steps."""
-        values: deque[float] = getattr(self, field)
-        seen = self._seen
-        cached = self._medians.get(field)
-        fresh = cached is not None and seen - cached[0] < _MEDIAN_REFRESH
-        if len(values) < 2 * _MEDIAN_REFRESH or not fresh:
-            cached = (seen, statistics.median(values))
-            self._medians[field] = cached
-        return cached[1]
+        self._stale = 0
 
     def append(self, norm: float) -> None:
+        """Add a norm; the median is refreshed every few steps once history is long."""
         self.norms.append(norm)
-        self.rms.append(norm * self._rms_scale)
-        self._seen += 1
+        self._stale += 1
+        if len(self.norms) < 2 * _MEDIAN_REFRESH or self._stale >= _MEDIAN_REFRESH:
+            self.median = statistics.median(self.norms)
+            self._stale = 0
+
+    @property
+    def rms(self) -> float:
+        """The latest RMS gradient per element."""
+        return self.norms[-1] * self.rms_scale
 
 
 #: Stored in place of a history for tensors that are not layers (biases, gains,
@@ -185,7 +186,7 @@ class GradientScaleDetector(Detector):
         for info, norm, history in layers:
             if len(history.norms) < MIN_HISTORY:
                 continue
-            median = history.median("norms")
+            median = history.median
             if norm > factor * median:
                 total = math.sqrt(sum(n * n for _, n, _ in layers))
                 self._alert_exploding(
@@ -221,19 +222,19 @@ class GradientScaleDetector(Detector):
     def _check_vanishing(self, ctx: StepContext, layers: list[_Layer]) -> None:
         if len(layers) < MIN_LAYERS:
             return
-        self._model_rms.append(statistics.median(h.rms[-1] for _, _, h in layers))
+        self._model_rms.append(statistics.median(h.rms for _, _, h in layers))
         reference = statistics.median(self._model_rms)
 
         low: list[tuple[ParamInfo, float]] = []
         for info, _, history in layers:
-            ratio = history.median("rms") / reference
-            waking = _growing(history.rms, self.options.patience)
+            ratio = history.median * history.rms_scale / reference
+            waking = _growing(history.norms, self.options.patience)
             if ratio >= self.options.vanish_factor or waking:
                 history.streak_start = None
                 continue
             if history.streak_start is None:
                 history.streak_start = ctx.step
-            if len(history.rms) >= self.options.patience:
+            if len(history.norms) >= self.options.patience:
                 low.append((info, ratio))
         subject = self._vanish_subject
         if subject is not None and all(i.name != subject for i, _, _ in layers):
@@ -269,7 +270,7 @@ class GradientScaleDetector(Detector):
             "vanishing_gradient",
             f"Gradient of {info.describe()} in module `{info.module or '<root>'}` "
             f"is {ratio:.1e} times that of the model's median layer (RMS per "
-            f"element, median over the last {len(history.rms)} steps; "
+            f"element, median over the last {len(history.norms)} steps; "
             f"vanish_factor {self.options.vanish_factor:g}), so it barely learns. "
             f"{len(low)} of {count} weight tensors are this far below: {listed}. "
             f"Saturating activations (sigmoid, tanh) in a deep stack or a poor "
@@ -286,11 +287,11 @@ class GradientScaleDetector(Detector):
         )
 
 
-def _growing(rms: deque[float], steps: int) -> bool:
+def _growing(norms: deque[float], steps: int) -> bool:
     """Return whether the gradient at least doubled over the last ``steps`` steps.
 
     A layer behind a zero-initialised one (the first layer of a residual branch
     whose last layer starts at zero) has a gradient that starts at zero and grows
     as that layer learns. Such a layer is waking up, not vanishing.
     """
-    return len(rms) >= steps and rms[-1] > 2.0 * rms[-steps]
+    return len(norms) >= steps and norms[-1] > 2.0 * norms[-steps]
