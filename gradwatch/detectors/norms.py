@@ -84,7 +84,7 @@ class _History:
         self._stale = 0
 
     def append(self, norm: float) -> None:
-        """Add a norm; the median is refreshed every few steps once history is long."""
+        """Add a norm, and refresh the median (every few steps once history is long)."""
         self.norms.append(norm)
         self._stale += 1
         if len(self.norms) < 2 * _MEDIAN_REFRESH or self._stale >= _MEDIAN_REFRESH:
