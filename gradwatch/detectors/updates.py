@@ -98,8 +98,11 @@ class UpdateSizeDetector(Detector):
         _, infos, copies = before
         with torch.no_grad():
             after = [info.tensor.detach() for info in infos]
-            deltas = torch._foreach_sub(after, copies)
-            norms = torch.cat([foreach_norms(deltas), foreach_norms(copies)])
+            weights = foreach_norms(copies)
+            # The copies become the updates in place (their sign does not change
+            # the norm), so no second copy of the weights is allocated.
+            torch._foreach_sub_(copies, after)
+            norms = torch.cat([foreach_norms(copies), weights])
         self._pending = (infos, ctx.batch.add(norms))
 
     def analyse(self, ctx: StepContext) -> None:
