@@ -3,6 +3,7 @@
     python benchmarks/overhead.py                 # every workload, 5 repetitions
     python benchmarks/overhead.py --workloads W1 W4 --reps 9
     python benchmarks/overhead.py --quick         # a few steps: checks it runs
+    python benchmarks/overhead.py --workloads W3 --only "gradwatch default"
 
 Each workload runs in its own process. Every variant owns a model built from the
 same seed. After a warm-up, each repetition times a bare block, then a variant
@@ -19,6 +20,7 @@ import json
 import math
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -139,7 +141,8 @@ GROUPS = [
 def run_groups(name: str, args: argparse.Namespace) -> dict | None:
     """Measure every variant group of one workload, each in a fresh process."""
     merged: dict = {"workload": name, "rows": [], "notes": {}}
-    for group in GROUPS:
+    groups = [[v for v in group if v in args.only] for group in GROUPS]
+    for group in filter(None, groups):
         command = [
             sys.executable,
             __file__,
@@ -230,6 +233,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="workloads to run (default: all)",
     )
     parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[v for v in VARIANTS if v != "bare"],
+        choices=[v for v in VARIANTS if v != "bare"],
+        metavar="VARIANT",
+        help="variants to time against the bare loop (default: all)",
+    )
+    parser.add_argument(
         "--reps", type=int, default=5, help="timed repetitions per variant"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -266,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
         f"{processor_name()}, python {platform.python_version()}"
     )
-    print(f"command: python benchmarks/overhead.py {' '.join(argv or sys.argv[1:])}")
+    print(f"command: python benchmarks/overhead.py {shlex.join(argv or sys.argv[1:])}")
     results = []
     for name in args.workloads:
         result = run_groups(name, args)
