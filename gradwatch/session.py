@@ -41,7 +41,6 @@ from gradwatch.distributed import (
 from gradwatch.handles import HookSet
 from gradwatch.params import ParamInfo, ParamTable
 from gradwatch.report import format_report
-from gradwatch.sinks.tensorboard import TensorBoardSink
 from gradwatch.stats import GradientNorms
 from gradwatch.validation import check_complex, check_model, check_module_names
 
@@ -266,7 +265,7 @@ class Session:
             detectors.append(RankGraphDetector(options, self._ranks))
         logdir = self._rank_logdir()
         if logdir is not None:
-            sink = TensorBoardSink(
+            sink = _tensorboard_sink(
                 dataclasses.replace(options, logdir=logdir), self._book
             )
             for detector in units[:2]:
@@ -290,7 +289,7 @@ class Session:
         logdir = self._rank_logdir()
         if logdir is not None:
             sink_options = dataclasses.replace(options, logdir=logdir)
-            detectors.append(TensorBoardSink(sink_options, self._book))
+            detectors.append(_tensorboard_sink(sink_options, self._book))
         return detectors
 
     def _rank_logdir(self) -> Path | None:
@@ -495,3 +494,10 @@ class Session:
     def _emit(self, alert: Alert) -> None:
         if self._book.record(alert):
             dispatch(alert, self.options.on_alert)
+
+
+def _tensorboard_sink(options: Options, book: AlertBook) -> Detector:
+    """Build the TensorBoard sink, importing tensorboard only when it is used."""
+    from gradwatch.sinks.tensorboard import TensorBoardSink
+
+    return TensorBoardSink(options, book)
