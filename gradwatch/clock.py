@@ -58,6 +58,13 @@ class StepClock:
         live = (ref() for ref in self._optimizers.values())
         return [opt for opt in live if opt is not None]
 
+    def is_sole(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Return whether ``optimizer`` is the only optimizer that steps the model."""
+        if len(self._optimizers) != 1:
+            return False
+        ref = self._optimizers.get(id(optimizer))
+        return ref is not None and ref() is optimizer
+
     def owned(self, optimizer: torch.optim.Optimizer) -> frozenset[int]:
         """Return the ids of the tensors in ``optimizer``'s param groups."""
         signature = _signature(optimizer)

@@ -471,7 +471,9 @@ class Session:
         """
         trainable = self._table.trainable()
         mine = anyone = None
-        if optimizer is not None:
+        # With one optimizer, every trainable tensor is either its own or no
+        # optimizer's, so all are judged.
+        if optimizer is not None and not self._clock.is_sole(optimizer):
             mine = self._clock.owned(optimizer)
             anyone = self._clock.owned_by_any()
         # The key holds the objects themselves, so their ids cannot be reused.
