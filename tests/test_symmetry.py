@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from gradwatch import gradwatch
-from gradwatch.detectors.symmetry import group_layers, group_units
+from gradwatch.detectors.unit_groups import group_layers, group_units
 
 
 @pytest.fixture(scope="module")
