@@ -13,7 +13,7 @@ random direction for its weights and one for its gradient (drawn once from a
 fixed-seed generator of our own), the units are sorted by the sum of the two
 projections, and each unit is compared exactly with its neighbour in that order.
 Equal units have equal projections, so they sit next to each other. Work is
-O(n log n + n d) per layer and stays on the tensor's device; the grouping itself
+O(n log n + n d) per layer and stays on the tensor's device. The grouping itself
 lives in :mod:`gradwatch.detectors.unit_groups`.
 
 Limitations:
