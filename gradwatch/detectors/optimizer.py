@@ -43,14 +43,22 @@ class OptimizerDetector(Detector):
             key = id(info.tensor)
             streak = info.state.get("unowned", 0)
             assert isinstance(streak, int)
-            if key in owned or not ctx.arrived(info):
+            if key in owned:
                 info.state["unowned"] = 0
                 self._unowned.discard(key)
                 continue
+            # A step that brought this tensor no gradient, such as a step of
+            # another optimizer in a GAN, neither extends nor ends its streak.
+            if not ctx.arrived(info):
+                continue
+            if streak == 0:
+                info.state["unowned_since"] = ctx.step
             info.state["unowned"] = streak + 1
             self._unowned.add(key)
             if streak + 1 >= self.options.patience:
-                self._alert(ctx, info, streak + 1)
+                first = info.state["unowned_since"]
+                assert isinstance(first, int)
+                self._alert(ctx, info, first)
 
     def _owns_all(self, judged: list[ParamInfo], owned: frozenset[int]) -> bool:
         """Return whether ``owned`` holds every judged tensor, cached by identity."""
@@ -62,14 +70,14 @@ class OptimizerDetector(Detector):
         self._all_owned = (judged, owned)
         return True
 
-    def _alert(self, ctx: StepContext, info: ParamInfo, streak: int) -> None:
+    def _alert(self, ctx: StepContext, info: ParamInfo, first: int) -> None:
         stale = self._stale_tensors(ctx)
         names = sorted({type(o).__name__ for o in self._clock.optimizers})
         message = (
             f"Parameter {info.describe()} in module `{info.module or '<root>'}` "
             f"receives gradients, but none of the optimizers that step the model "
             f"({', '.join(names)}) holds it, so it has not changed since step "
-            f"{ctx.step - streak + 1}. It was added, replaced or unfrozen after the "
+            f"{first}. It was added, replaced or unfrozen after the "
             f"optimizer was built, or left out of its param groups: rebuild the "
             f"optimizer from model.parameters() or call "
             f"optimizer.add_param_group(...)."
@@ -80,7 +88,6 @@ class OptimizerDetector(Detector):
                 f"parameters of the model (layers replaced after the optimizer was "
                 f"built)."
             )
-        first = ctx.step - streak + 1
         data = {"stale_tensors": stale, "optimizers": names}
         ctx.alert("not_in_optimizer", message, param=info, step=first, data=data)
 
