@@ -158,7 +158,11 @@ class StepClock:
 
 
 def _signature(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
-    """Identify the param groups' contents cheaply: list ids and lengths."""
+    """Identify the param groups' contents cheaply: list ids and lengths.
+
+    NOTE: a tensor swapped in place inside a group's list keeps the signature,
+    so the owned set goes stale and the new tensor is reported not_in_optimizer.
+    """
     return tuple(
         x for g in optimizer.param_groups for x in (id(g["params"]), len(g["params"]))
     )
