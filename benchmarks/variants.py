@@ -129,8 +129,19 @@ def naive_hooks(workload: Workload, tmpdir: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def detect_anomaly(workload: Workload, tmpdir: Path) -> Iterator[None]:
-    with torch.autograd.detect_anomaly(check_nan=True):
+    # Anomaly mode is global to the process, so it is switched on only inside
+    # this variant's own steps; otherwise it would slow every other block too.
+    step = workload.step
+
+    def anomaly_step() -> None:
+        with torch.autograd.detect_anomaly(check_nan=True):
+            step()
+
+    workload.step = anomaly_step
+    try:
         yield
+    finally:
+        workload.step = step
 
 
 #: name -> (variant, cadence in steps)

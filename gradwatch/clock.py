@@ -35,6 +35,7 @@ class StepClock:
         self._table = table
         self._on_step_end = on_step_end
         self._optimizers: dict[int, weakref.ref[torch.optim.Optimizer]] = {}
+        self._foreign: dict[int, tuple[weakref.ref, tuple]] = {}
         self._owned: dict[int, tuple[tuple[int, ...], frozenset[int]]] = {}
         self._union: tuple[tuple, frozenset[int]] = ((), frozenset())
         self._before_step: list[Callable[[torch.optim.Optimizer], None]] = []
@@ -110,6 +111,13 @@ class StepClock:
         known = self._optimizers.get(id(optimizer))
         if known is not None and known() is optimizer:
             return True
+        # An optimizer of another model is looked at again only when its param
+        # groups or the model's parameters change, so its steps cost no pass
+        # over its parameters.
+        key = (_signature(optimizer), self._table.generation)
+        foreign = self._foreign.get(id(optimizer))
+        if foreign is not None and foreign[0]() is optimizer and foreign[1] == key:
+            return False
         watched = any(
             self._table.was_parameter(p)
             for group in optimizer.param_groups
@@ -117,6 +125,9 @@ class StepClock:
         )
         if watched:
             self._optimizers[id(optimizer)] = weakref.ref(optimizer)
+            self._foreign.pop(id(optimizer), None)
+        else:
+            self._foreign[id(optimizer)] = (weakref.ref(optimizer), key)
         return watched
 
     def _pre_hook(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:

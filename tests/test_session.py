@@ -217,6 +217,17 @@ def test_optimizer_of_another_model_does_not_count():
     assert gw.step == 3
 
 
+def test_other_optimizer_counts_once_it_holds_the_model():
+    model, other = make_model(), make_model()
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    with gradwatch(model) as gw:
+        run(other, other_optimizer, steps=2)
+        other_optimizer.add_param_group({"params": list(model.parameters())})
+        run(model, other_optimizer, steps=3)
+
+    assert gw.step == 3
+
+
 def test_gradient_accumulation_makes_one_step():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
