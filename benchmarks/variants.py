@@ -129,8 +129,8 @@ def naive_hooks(workload: Workload, tmpdir: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def detect_anomaly(workload: Workload, tmpdir: Path) -> Iterator[None]:
-    # Anomaly mode is global to the process, so it is switched on only inside
-    # this variant's own steps; otherwise it would slow every other block too.
+    # Anomaly mode is global to the process. It is switched on only inside this
+    # variant's own steps, because it would slow every other block too.
     step = workload.step
 
     def anomaly_step() -> None:

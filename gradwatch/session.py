@@ -476,7 +476,7 @@ class Session:
         if optimizer is not None and not self._clock.is_sole(optimizer):
             mine = self._clock.owned(optimizer)
             anyone = self._clock.owned_by_any()
-        # The key holds the objects themselves, so their ids cannot be reused.
+        # The key keeps references to the objects, so their ids cannot be reused.
         key = (trainable, mine, anyone)
         if not all(a is b for a, b in zip(key, self._judged_key, strict=True)):
             judged = trainable

@@ -61,7 +61,7 @@ class OptimizerDetector(Detector):
                 self._alert(ctx, info, first)
 
     def _owns_all(self, judged: list[ParamInfo], owned: frozenset[int]) -> bool:
-        """Return whether ``owned`` holds every judged tensor, cached by identity."""
+        """Return whether ``owned`` contains every judged tensor, cached by identity."""
         if self._all_owned[0] is judged and self._all_owned[1] is owned:
             return True
         if any(id(info.tensor) not in owned for info in judged):
