@@ -41,7 +41,7 @@ def group_units(
     Two units are equal when the distance between their weight rows is at most
     ``tol`` times the larger row norm, and the same holds for their gradient rows.
     Units are sorted by a random projection of both, and each unit is compared
-    exactly with its neighbour in that order; a run of equal neighbours is a
+    exactly with its neighbour in that order. A run of equal neighbours is a
     group.
 
     Args:
@@ -224,11 +224,11 @@ def summarise_groups(labels: torch.Tensor, previous: torch.Tensor) -> torch.Tens
     sizes = torch.zeros_like(labels).scatter_add_(1, labels, torch.ones_like(labels))
     largest, representative = sizes.max(dim=1)
     members = torch.where(labels == representative.unsqueeze(1), index, count)
-    shown = members.sort(dim=1).values[:, :_SHOWN_MEMBERS]
-    shown = torch.where(shown == count, -1, shown)
+    listed = members.sort(dim=1).values[:, :_SHOWN_MEMBERS]
+    listed = torch.where(listed == count, -1, listed)
     same = (previous == labels).all(dim=1)
     head = torch.stack([(sizes > 0).sum(dim=1), largest, same.long()], dim=1)
     padding = torch.full(
-        (layers, _SHOWN_MEMBERS - shown.shape[1]), -1, device=labels.device
+        (layers, _SHOWN_MEMBERS - listed.shape[1]), -1, device=labels.device
     )
-    return torch.cat([head, shown, padding], dim=1)
+    return torch.cat([head, listed, padding], dim=1)
